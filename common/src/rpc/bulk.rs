@@ -1,0 +1,167 @@
+//! Whole-file transfers in pipelined chunks.
+//!
+//! A fetch or store of any size holds at most [`FETCH_WINDOW`] chunks in
+//! memory: chunk requests are kept in flight so the link stays busy, and each
+//! chunk is written at its offset as it arrives.
+
+use super::client::{Client, RpcError};
+use crate::attr::Timestamp;
+use crate::error::FsError;
+use crate::fid::Fid;
+use crate::frame::CHUNK_SIZE;
+use crate::proto::*;
+use crate::version_vector::VersionVector;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+
+/// Chunk requests kept in flight by one transfer.
+pub const FETCH_WINDOW: usize = 8;
+
+fn io_err(e: std::io::Error) -> RpcError {
+    RpcError::Fs(FsError::from(e))
+}
+
+/// Fetches the whole file `fid` into `dest` (truncated to the file's size).
+/// Returns the fetch reply, whose attributes describe exactly the bytes written.
+pub async fn fetch_to_file(
+    client: &Client,
+    fid: Fid,
+    dest: Arc<File>,
+) -> Result<FetchReply, RpcError> {
+    let mut reply = client
+        .fetch(FetchReq {
+            fid,
+            inline_max: CHUNK_SIZE as u32,
+        })
+        .await?;
+    let size = reply.attr.size;
+    let first = std::mem::take(&mut reply.data);
+    dest.set_len(0).map_err(io_err)?;
+    dest.write_all_at(&first, 0).map_err(io_err)?;
+    if let Some(handle) = reply.handle {
+        let result = fetch_rest(client, handle, first.len() as u64, size, &dest).await;
+        // Release even after a failure, so the server can drop its handle.
+        let _ = client.release(ReleaseReq { handle }).await;
+        result?;
+    }
+    dest.set_len(size).map_err(io_err)?;
+    Ok(reply)
+}
+
+async fn fetch_rest(
+    client: &Client,
+    handle: u64,
+    mut next: u64,
+    size: u64,
+    dest: &Arc<File>,
+) -> Result<(), RpcError> {
+    let mut inflight = JoinSet::new();
+    loop {
+        while next < size && inflight.len() < FETCH_WINDOW {
+            let len = (size - next).min(CHUNK_SIZE as u64) as u32;
+            let (c, d, offset) = (client.clone(), dest.clone(), next);
+            inflight.spawn(async move {
+                let chunk = c
+                    .read_chunk(ReadChunkReq {
+                        handle,
+                        offset,
+                        len,
+                    })
+                    .await?;
+                if chunk.data.len() != len as usize {
+                    return Err(RpcError::Fs(FsError::Io(format!(
+                        "short chunk at {offset}: {} of {len} bytes (file changed on the server?)",
+                        chunk.data.len()
+                    ))));
+                }
+                tokio::task::spawn_blocking(move || d.write_all_at(&chunk.data, offset))
+                    .await
+                    .map_err(|e| RpcError::Protocol(e.to_string()))?
+                    .map_err(io_err)
+            });
+            next += len as u64;
+        }
+        match inflight.join_next().await {
+            None => return Ok(()),
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(e)) => return Err(RpcError::Protocol(format!("chunk task failed: {e}"))),
+        }
+    }
+}
+
+/// Stores the whole content of `src` as the new content of `fid`, based on
+/// version `base`. Small files go inline; large ones are staged in chunks
+/// first, and the store that publishes them is a single at-most-once call.
+pub async fn store_from_file(
+    client: &Client,
+    fid: Fid,
+    base: VersionVector,
+    src: Arc<File>,
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+) -> Result<EntryReply, RpcError> {
+    let size = src.metadata().map_err(io_err)?.len();
+    let data = if size <= CHUNK_SIZE as u64 {
+        let mut buf = vec![0u8; size as usize];
+        src.read_exact_at(&mut buf, 0).map_err(io_err)?;
+        StoreData::Inline(buf)
+    } else {
+        let handle = client.stage_open(StageOpenReq {}).await?.handle;
+        if let Err(e) = stage_all(client, handle, size, &src).await {
+            let _ = client.release(ReleaseReq { handle }).await;
+            return Err(e);
+        }
+        StoreData::Staged(handle)
+    };
+    client
+        .store(StoreReq {
+            fid,
+            base,
+            size,
+            data,
+            mtime,
+            mode,
+        })
+        .await
+}
+
+async fn stage_all(
+    client: &Client,
+    handle: u64,
+    size: u64,
+    src: &Arc<File>,
+) -> Result<(), RpcError> {
+    let mut inflight = JoinSet::new();
+    let mut next = 0u64;
+    loop {
+        while next < size && inflight.len() < FETCH_WINDOW {
+            let len = (size - next).min(CHUNK_SIZE as u64) as usize;
+            let (c, s, offset) = (client.clone(), src.clone(), next);
+            inflight.spawn(async move {
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    s.read_exact_at(&mut buf, offset).map(|_| buf)
+                })
+                .await
+                .map_err(|e| RpcError::Protocol(e.to_string()))?
+                .map_err(io_err)?;
+                c.stage_write(StageWriteReq {
+                    handle,
+                    offset,
+                    data,
+                })
+                .await
+            });
+            next += len as u64;
+        }
+        match inflight.join_next().await {
+            None => return Ok(()),
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => return Err(e),
+            Some(Err(e)) => return Err(RpcError::Protocol(format!("chunk task failed: {e}"))),
+        }
+    }
+}

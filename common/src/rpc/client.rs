@@ -1,0 +1,463 @@
+//! The client end of the RPC layer.
+//!
+//! Each call gets a transaction id (client uuid, sequence number) that stays
+//! the same across retransmissions: after an attempt times out, or after the
+//! connection drops and is re-established, the same request is sent again and
+//! the server's reply cache makes sure a mutation runs at most once. Every call
+//! also carries a cumulative acknowledgement (the highest seq below which every
+//! reply has arrived) so the server can forget old replies.
+
+use super::outbox::{Frame, Outbox};
+use crate::auth::{random_bytes, Key, NONCE_LEN};
+use crate::error::FsError;
+use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
+use crate::proto::{Operation, Push, Reply, Request, Xid};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout, Instant};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcError {
+    /// The server ran the operation and said no.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// The server turned the connection away (wrong key, wrong version).
+    #[error("refused by server: {0}")]
+    Refused(String),
+    /// No reply within the call's deadline, retransmissions included.
+    #[error("no reply from server within {0:?}")]
+    Timeout(Duration),
+    /// The server could not be reached.
+    #[error("cannot reach server: {0}")]
+    Unreachable(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl RpcError {
+    /// True when the failure says nothing about the operation itself: the
+    /// server may simply be away, and the caller may try again later.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, RpcError::Timeout(_) | RpcError::Unreachable(_))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub addr: String,
+    pub key: Key,
+    pub client_id: Uuid,
+    /// How long to wait for a reply before retransmitting.
+    pub attempt_timeout: Duration,
+    /// How long a call may take in all before it fails with `Timeout`.
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(addr: impl Into<String>, key: Key, client_id: Uuid) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            key,
+            client_id,
+            attempt_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What the connection tells its owner besides replies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A (new) connection was established and authenticated.
+    Connected {
+        conn: u64,
+    },
+    /// The connection dropped.
+    Lost {
+        conn: u64,
+    },
+    Push(Push),
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Reply, FsError>>>>;
+
+/// One live, authenticated connection.
+struct Conn {
+    id: u64,
+    outbox: Outbox,
+    pending: Arc<Pending>,
+    pings: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
+    /// Set by the reader task when the connection ends.
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst) || self.outbox.is_closed()
+    }
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    next_seq: AtomicU64,
+    next_conn: AtomicU64,
+    /// Sequence numbers of calls not yet answered: the ack is below the least.
+    outstanding: Mutex<BTreeSet<u64>>,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    events: Mutex<Option<mpsc::UnboundedSender<ClientEvent>>>,
+}
+
+/// A cheaply clonable handle to the connection to one server.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// Removes a call from the outstanding set however the call ends.
+struct OutstandingGuard<'a>(&'a Inner, u64);
+impl Drop for OutstandingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.outstanding.lock().unwrap().remove(&self.1);
+    }
+}
+
+impl Client {
+    /// Creates a client; the connection is made on first use.
+    pub fn new(cfg: ClientConfig) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                cfg,
+                next_seq: AtomicU64::new(1),
+                next_conn: AtomicU64::new(1),
+                outstanding: Mutex::new(BTreeSet::new()),
+                conn: tokio::sync::Mutex::new(None),
+                events: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Creates a client and connects at once, so a bad key or an absent
+    /// server is reported here.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, RpcError> {
+        let c = Client::new(cfg);
+        c.ensure_connected().await?;
+        Ok(c)
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.inner.cfg.client_id
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.cfg
+    }
+
+    /// Starts the sequence numbers above `seq`: a client that persists its
+    /// identity must never reuse a transaction id after a restart.
+    pub fn resume_sequence_after(&self, seq: u64) {
+        self.inner.next_seq.fetch_max(seq + 1, Ordering::SeqCst);
+    }
+
+    /// The next sequence number that will be used.
+    pub fn next_sequence(&self) -> u64 {
+        self.inner.next_seq.load(Ordering::SeqCst)
+    }
+
+    /// Reserves a sequence number for a record sent inside a batch.
+    pub fn allocate_sequence(&self) -> u64 {
+        self.inner.next_seq.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Subscribes to connection events and callback breaks. Only the latest
+    /// subscriber receives them.
+    pub fn events(&self) -> mpsc::UnboundedReceiver<ClientEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.inner.events.lock().unwrap() = Some(tx);
+        rx
+    }
+
+    /// Whether a connection is up right now (no network traffic).
+    pub async fn is_connected(&self) -> bool {
+        matches!(&*self.inner.conn.lock().await, Some(c) if !c.is_closed())
+    }
+
+    /// Drops the current connection (for tests and for going offline).
+    pub async fn disconnect(&self) {
+        if let Some(c) = self.inner.conn.lock().await.take() {
+            c.pending.lock().unwrap().clear();
+        }
+    }
+
+    /// Makes sure a connection is up, establishing one if needed.
+    pub async fn ensure_connected(&self) -> Result<(), RpcError> {
+        self.connection().await.map(|_| ())
+    }
+
+    /// Round trip with no work on the server: a liveness probe.
+    pub async fn ping(&self, wait: Duration) -> Result<Duration, RpcError> {
+        let start = Instant::now();
+        let conn = timeout(wait, self.connection())
+            .await
+            .map_err(|_| RpcError::Timeout(wait))??;
+        let (tx, rx) = oneshot::channel();
+        conn.pings.lock().unwrap().push(tx);
+        let frame =
+            Arc::new(frame::encode(&Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
+        conn.outbox
+            .send(frame)
+            .await
+            .map_err(|_| RpcError::Unreachable("connection closed".into()))?;
+        match timeout(wait.saturating_sub(start.elapsed()), rx).await {
+            Ok(Ok(())) => Ok(start.elapsed()),
+            Ok(Err(_)) => Err(RpcError::Unreachable("connection closed".into())),
+            Err(_) => Err(RpcError::Timeout(wait)),
+        }
+    }
+
+    fn ack(&self) -> u64 {
+        let out = self.inner.outstanding.lock().unwrap();
+        match out.iter().next() {
+            Some(&least) => least - 1,
+            None => self.inner.next_seq.load(Ordering::SeqCst) - 1,
+        }
+    }
+
+    /// Sends one operation and waits for its reply, retransmitting with the
+    /// same transaction id until the call's deadline.
+    pub async fn call<O: Operation>(&self, op: O) -> Result<O::Reply, RpcError> {
+        let seq = self.allocate_sequence();
+        let reply = self.call_with_seq(seq, op.into_request()).await?;
+        O::from_reply(reply)
+            .ok_or_else(|| RpcError::Protocol(format!("reply of the wrong kind to {:?}", O::KIND)))
+    }
+
+    /// Sends a request under a given sequence number (from
+    /// [`Client::allocate_sequence`]). Resending a request under the seq it
+    /// was first sent with is how a restarted client finishes a mutation
+    /// without running it twice.
+    pub async fn call_with_seq(&self, seq: u64, body: Request) -> Result<Reply, RpcError> {
+        let inner = &*self.inner;
+        inner.outstanding.lock().unwrap().insert(seq);
+        let _guard = OutstandingGuard(inner, seq);
+        let xid = Xid {
+            client: inner.cfg.client_id,
+            seq,
+        };
+        let frame: Frame = Arc::new(
+            frame::encode(&Message::Call {
+                xid,
+                ack: self.ack(),
+                body,
+            })
+            .map_err(|e| RpcError::Protocol(e.to_string()))?,
+        );
+        let deadline = Instant::now() + inner.cfg.call_timeout;
+        let mut backoff = Duration::from_millis(50);
+        let mut last_err = RpcError::Timeout(inner.cfg.call_timeout);
+        while Instant::now() < deadline {
+            let conn = match timeout(deadline - Instant::now(), self.connection()).await {
+                Err(_) => break,
+                Ok(Ok(c)) => c,
+                Ok(Err(e @ RpcError::Refused(_))) => return Err(e),
+                Ok(Err(e)) => {
+                    last_err = e;
+                    tokio::time::sleep(
+                        backoff.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let (tx, rx) = oneshot::channel();
+            conn.pending.lock().unwrap().insert(seq, tx);
+            if conn.outbox.send(frame.clone()).await.is_err() {
+                self.drop_connection(&conn).await;
+                continue;
+            }
+            let wait = inner.cfg.attempt_timeout.min(deadline - Instant::now());
+            match timeout(wait, rx).await {
+                Ok(Ok(result)) => return result.map_err(RpcError::Fs),
+                Ok(Err(_)) => {
+                    // The connection died under us; reconnect and resend.
+                    last_err = RpcError::Unreachable("connection lost".into());
+                }
+                Err(_) => {
+                    conn.pending.lock().unwrap().remove(&seq);
+                    tracing::debug!(seq, "no reply yet, retransmitting");
+                    last_err = RpcError::Timeout(inner.cfg.call_timeout);
+                }
+            }
+        }
+        Err(match last_err {
+            RpcError::Unreachable(m) => RpcError::Unreachable(m),
+            _ => RpcError::Timeout(inner.cfg.call_timeout),
+        })
+    }
+
+    async fn drop_connection(&self, dead: &Arc<Conn>) {
+        let mut slot = self.inner.conn.lock().await;
+        if matches!(&*slot, Some(c) if c.id == dead.id) {
+            *slot = None;
+        }
+    }
+
+    /// The current connection, or a new one.
+    async fn connection(&self) -> Result<Arc<Conn>, RpcError> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(c) = &*slot {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let c = timeout(self.inner.cfg.connect_timeout, self.open())
+            .await
+            .map_err(|_| {
+                RpcError::Unreachable(format!("connect to {} timed out", self.inner.cfg.addr))
+            })??;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn open(&self) -> Result<Arc<Conn>, RpcError> {
+        let cfg = &self.inner.cfg;
+        let mut stream = TcpStream::connect(&cfg.addr)
+            .await
+            .map_err(|e| RpcError::Unreachable(format!("{}: {e}", cfg.addr)))?;
+        stream.set_nodelay(true).ok();
+        let server = handshake(&mut stream, cfg).await?;
+        let id = self.inner.next_conn.fetch_add(1, Ordering::SeqCst);
+        tracing::debug!(conn = id, %server, addr = %cfg.addr, "connected");
+        let (mut rd, wr) = stream.into_split();
+        let conn = Arc::new(Conn {
+            id,
+            outbox: Outbox::spawn(wr),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+            pings: Arc::new(Mutex::new(Vec::new())),
+            closed: Arc::new(AtomicBool::new(false)),
+        });
+        let (pending, pings, closed) = (
+            conn.pending.clone(),
+            conn.pings.clone(),
+            conn.closed.clone(),
+        );
+        let weak = Arc::downgrade(&self.inner);
+        let outbox = conn.outbox.clone();
+        tokio::spawn(async move {
+            let emit = |ev: ClientEvent| {
+                if let Some(inner) = weak.upgrade() {
+                    if let Some(tx) = &*inner.events.lock().unwrap() {
+                        let _ = tx.send(ev);
+                    }
+                }
+            };
+            loop {
+                let msg: Message = match frame::read_frame(&mut rd).await {
+                    Ok(Some(body)) => match frame::decode(&body) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(conn = id, "bad message from server: {e}");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(conn = id, "connection read failed: {e}");
+                        break;
+                    }
+                };
+                match msg {
+                    Message::Return { seq, result } => {
+                        if let Some(tx) = pending.lock().unwrap().remove(&seq) {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    Message::Push(p) => emit(ClientEvent::Push(p)),
+                    Message::Pong => {
+                        for tx in pings.lock().unwrap().drain(..) {
+                            let _ = tx.send(());
+                        }
+                    }
+                    other => {
+                        tracing::warn!(conn = id, "unexpected message from server: {other:?}");
+                        break;
+                    }
+                }
+            }
+            // Waking every waiter makes it reconnect and resend.
+            closed.store(true, Ordering::SeqCst);
+            pending.lock().unwrap().clear();
+            pings.lock().unwrap().clear();
+            drop(outbox);
+            emit(ClientEvent::Lost { conn: id });
+        });
+        if let Some(tx) = &*self.inner.events.lock().unwrap() {
+            let _ = tx.send(ClientEvent::Connected { conn: id });
+        }
+        Ok(conn)
+    }
+}
+
+/// Hello, challenge, proof, welcome. Returns the server's id.
+async fn handshake(stream: &mut TcpStream, cfg: &ClientConfig) -> Result<Uuid, RpcError> {
+    let proto = |e: FrameError| match e {
+        FrameError::Io(e) => RpcError::Unreachable(e.to_string()),
+        FrameError::Truncated => {
+            RpcError::Unreachable("server closed the connection during the handshake".into())
+        }
+        other => RpcError::Protocol(other.to_string()),
+    };
+    let nonce = random_bytes::<NONCE_LEN>().to_vec();
+    let hello = Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        client: cfg.client_id,
+        nonce: nonce.clone(),
+    };
+    frame::write_message(stream, &hello).await.map_err(proto)?;
+    let server_nonce = match frame::read_message::<_, Message>(stream)
+        .await
+        .map_err(proto)?
+    {
+        Message::Challenge { nonce } => nonce,
+        Message::Refused { reason } => return Err(RpcError::Refused(reason)),
+        other => {
+            return Err(RpcError::Protocol(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
+    };
+    let mac = cfg.key.client_proof(cfg.client_id, &nonce, &server_nonce);
+    frame::write_message(stream, &Message::Proof { mac })
+        .await
+        .map_err(proto)?;
+    match frame::read_message::<_, Message>(stream)
+        .await
+        .map_err(proto)?
+    {
+        Message::Welcome { mac, server } => {
+            if cfg
+                .key
+                .verify_server(cfg.client_id, &nonce, &server_nonce, &mac)
+            {
+                Ok(server)
+            } else {
+                Err(RpcError::Refused(
+                    "the server could not prove it holds our key".into(),
+                ))
+            }
+        }
+        Message::Refused { reason } => Err(RpcError::Refused(reason)),
+        other => Err(RpcError::Protocol(format!(
+            "expected welcome, got {other:?}"
+        ))),
+    }
+}

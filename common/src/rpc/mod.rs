@@ -1,0 +1,11 @@
+//! RPC over one TCP connection per client: multiplexed requests, server
+//! pushes, retransmission with stable transaction ids, at-most-once execution.
+
+mod bulk;
+mod client;
+mod outbox;
+mod server;
+
+pub use bulk::{fetch_to_file, store_from_file, FETCH_WINDOW};
+pub use client::{Client, ClientConfig, ClientEvent, RpcError};
+pub use server::{Hooks, RpcServer};

@@ -1,0 +1,397 @@
+//! The server end of the RPC layer: handshake, per-connection receive loop,
+//! and the reply cache that makes mutations at-most-once.
+//!
+//! The in-memory table here catches duplicates of requests that are still
+//! running (they wait for the first execution) and of recent mutations. The
+//! service's [`Hooks::recorded_reply`] covers the rest: afsd writes each
+//! mutation's reply in the same sled transaction as the mutation, so a
+//! duplicate that arrives after a server restart still gets the original reply.
+
+use super::outbox::{Frame, Outbox};
+use crate::auth::{random_bytes, Key, NONCE_LEN};
+use crate::error::FsError;
+use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
+use crate::proto::{dispatch, CallContext, OpKind, Push, Reply, Request, Service, Xid};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use uuid::Uuid;
+
+/// How long a peer may take over each step of the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one connection may have running at once; more wait in the socket.
+const MAX_IN_FLIGHT: usize = 128;
+/// Finished mutations remembered in memory per client (sled keeps them all
+/// until acknowledged).
+const MEMORY_REPLIES_PER_CLIENT: usize = 4096;
+
+/// What the RPC layer needs from the service besides the operations.
+pub trait Hooks: Send + Sync + 'static {
+    /// A client authenticated; `push` reaches it until it disconnects.
+    fn connected(&self, client: Uuid, conn: u64, push: Pusher);
+    fn disconnected(&self, client: Uuid, conn: u64);
+    /// The durable reply of a mutation already executed, if any.
+    fn recorded_reply(&self, xid: &Xid) -> Option<Result<Reply, FsError>>;
+    /// The client holds every reply up to `seq`: they may be discarded.
+    fn acknowledged(&self, client: Uuid, seq: u64);
+    /// Counts one request (duplicates included).
+    fn count(&self, _kind: OpKind) {}
+    /// Called after a request ran and before its reply is sent.
+    fn before_reply(&self, _kind: OpKind) {}
+}
+
+/// Sends server pushes down one connection.
+#[derive(Clone)]
+pub struct Pusher {
+    outbox: Outbox,
+}
+
+impl Pusher {
+    /// Queues a push; false when the connection is gone.
+    pub fn push(&self, p: Push) -> impl Future<Output = bool> + Send + 'static {
+        let outbox = self.outbox.clone();
+        async move {
+            match frame::encode(&Message::Push(p)) {
+                Ok(f) => outbox.send(Arc::new(f)).await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.outbox.is_closed()
+    }
+}
+
+type Shared = Arc<Result<Reply, FsError>>;
+
+enum Slot {
+    Running(watch::Receiver<Option<Shared>>),
+    Done(Shared),
+}
+
+#[derive(Default)]
+struct ClientReplies {
+    acked: u64,
+    slots: BTreeMap<u64, Slot>,
+}
+
+pub struct RpcServer<S> {
+    service: Arc<S>,
+    key: Key,
+    server_id: Uuid,
+    next_conn: AtomicU64,
+    replies: Mutex<HashMap<Uuid, ClientReplies>>,
+}
+
+/// What to do with an incoming call, decided under the table lock.
+enum Plan {
+    Run(watch::Sender<Option<Shared>>),
+    Wait(watch::Receiver<Option<Shared>>),
+    Answer(Shared),
+    Ignore,
+}
+
+impl<S: Service + Hooks> RpcServer<S> {
+    pub fn new(service: Arc<S>, key: Key, server_id: Uuid) -> Arc<Self> {
+        Arc::new(RpcServer {
+            service,
+            key,
+            server_id,
+            next_conn: AtomicU64::new(1),
+            replies: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn service(&self) -> &Arc<S> {
+        &self.service
+    }
+
+    /// Accepts connections until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return; }
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff = Duration::from_millis(10);
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = this.connection(stream).await {
+                                tracing::info!(%peer, "connection ended: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}; backing off {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
+        stream.set_nodelay(true).ok();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let client = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
+            .await
+            .map_err(|_| "handshake timed out".to_string())??;
+        let conn = self.next_conn.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(%client, conn, %peer, "client connected");
+        let (mut rd, wr) = stream.into_split();
+        let outbox = Outbox::spawn(wr);
+        self.service.connected(
+            client,
+            conn,
+            Pusher {
+                outbox: outbox.clone(),
+            },
+        );
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let result = loop {
+            let body = match frame::read_frame(&mut rd).await {
+                Ok(Some(b)) => b,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("read failed: {e}")),
+            };
+            match frame::decode::<Message>(&body) {
+                Ok(Message::Call { xid, ack, body }) => {
+                    if xid.client != client {
+                        break Err(format!(
+                            "request claims client {} on a connection of {client}",
+                            xid.client
+                        ));
+                    }
+                    let permit = permits
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("semaphore never closed");
+                    let (this, outbox) = (self.clone(), outbox.clone());
+                    tokio::spawn(async move {
+                        this.call(conn, xid, ack, body, &outbox).await;
+                        drop(permit);
+                    });
+                }
+                Ok(Message::Ping) => {
+                    let pong = Arc::new(frame::encode(&Message::Pong).expect("pong encodes"));
+                    let _ = outbox.send(pong).await;
+                }
+                Ok(other) => break Err(format!("unexpected message {other:?}")),
+                Err(e) => break Err(format!("malformed request: {e}")),
+            }
+        };
+        self.service.disconnected(client, conn);
+        tracing::info!(%client, conn, "client disconnected");
+        result
+    }
+
+    async fn handshake(&self, stream: &mut TcpStream) -> Result<Uuid, String> {
+        let hello: Hello = match frame::read_frame(stream).await {
+            Ok(Some(body)) => match frame::decode(&body) {
+                Ok(h) => h,
+                Err(_) => {
+                    refuse(
+                        stream,
+                        "malformed hello: not an AFS client or an incompatible protocol",
+                    )
+                    .await;
+                    return Err("malformed hello".into());
+                }
+            },
+            Ok(None) => return Err("closed before hello".into()),
+            Err(FrameError::TooLarge(n)) => {
+                refuse(stream, &format!("hello of {n} bytes is too large")).await;
+                return Err("oversize hello".into());
+            }
+            Err(e) => return Err(format!("reading hello: {e}")),
+        };
+        if hello.magic != MAGIC {
+            refuse(stream, "bad protocol magic: not an AFS client").await;
+            return Err(format!("bad magic {:#x}", hello.magic));
+        }
+        if hello.version != PROTOCOL_VERSION {
+            let reason = format!(
+                "protocol version {} is not supported: this server speaks version {PROTOCOL_VERSION}",
+                hello.version
+            );
+            refuse(stream, &reason).await;
+            return Err(reason);
+        }
+        let nonce = random_bytes::<NONCE_LEN>().to_vec();
+        frame::write_message(
+            stream,
+            &Message::Challenge {
+                nonce: nonce.clone(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mac = match frame::read_message::<_, Message>(stream).await {
+            Ok(Message::Proof { mac }) => mac,
+            Ok(_) | Err(FrameError::Malformed(_)) => {
+                refuse(stream, "expected an authentication proof").await;
+                return Err("no proof".into());
+            }
+            Err(e) => return Err(format!("reading proof: {e}")),
+        };
+        if !self
+            .key
+            .verify_client(hello.client, &hello.nonce, &nonce, &mac)
+        {
+            let reason = "authentication failed: the client does not hold this server's key";
+            refuse(stream, reason).await;
+            tracing::warn!(client = %hello.client, "{reason}");
+            return Err(reason.into());
+        }
+        let mac = self.key.server_proof(hello.client, &hello.nonce, &nonce);
+        frame::write_message(
+            stream,
+            &Message::Welcome {
+                mac,
+                server: self.server_id,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(hello.client)
+    }
+
+    /// Runs one call through the reply cache and sends its reply.
+    async fn call(&self, conn: u64, xid: Xid, ack: u64, body: Request, outbox: &Outbox) {
+        let kind = body.kind();
+        self.service.count(kind);
+        let acked = self.note_ack(xid.client, ack);
+        if let Some(upto) = acked {
+            self.service.acknowledged(xid.client, upto);
+        }
+        let result = match self.plan(&xid) {
+            Plan::Ignore => return,
+            Plan::Answer(r) => r,
+            Plan::Wait(mut rx) => loop {
+                if let Some(r) = rx.borrow_and_update().clone() {
+                    break r;
+                }
+                if rx.changed().await.is_err() {
+                    // The first execution was abandoned; the client will retry.
+                    return;
+                }
+            },
+            Plan::Run(tx) => {
+                let recorded = if kind.mutates() {
+                    self.service.recorded_reply(&xid)
+                } else {
+                    None
+                };
+                let result: Shared = match recorded {
+                    Some(r) => Arc::new(r),
+                    None => {
+                        let cx = CallContext { xid, conn };
+                        Arc::new(dispatch(&*self.service, &cx, body).await)
+                    }
+                };
+                self.finish(&xid, kind, &result);
+                let _ = tx.send(Some(result.clone()));
+                self.service.before_reply(kind);
+                result
+            }
+        };
+        let msg = Message::Return {
+            seq: xid.seq,
+            result: (*result).clone(),
+        };
+        match frame::encode(&msg) {
+            Ok(f) => {
+                let _ = outbox.send(Frame::new(f)).await;
+            }
+            Err(e) => tracing::error!(seq = xid.seq, "cannot encode reply: {e}"),
+        }
+    }
+
+    /// Records a cumulative ack; returns it when it moved forward.
+    fn note_ack(&self, client: Uuid, ack: u64) -> Option<u64> {
+        let mut table = self.replies.lock().unwrap();
+        let t = table.entry(client).or_default();
+        if ack <= t.acked {
+            return None;
+        }
+        t.acked = ack;
+        let keep = t.slots.split_off(&(ack + 1));
+        let old = std::mem::replace(&mut t.slots, keep);
+        // Running entries stay until they finish, acked or not.
+        for (seq, slot) in old {
+            if let Slot::Running(_) = slot {
+                t.slots.insert(seq, slot);
+            }
+        }
+        Some(ack)
+    }
+
+    fn plan(&self, xid: &Xid) -> Plan {
+        let mut table = self.replies.lock().unwrap();
+        let t = table.entry(xid.client).or_default();
+        match t.slots.get(&xid.seq) {
+            Some(Slot::Running(rx)) => return Plan::Wait(rx.clone()),
+            Some(Slot::Done(r)) => return Plan::Answer(r.clone()),
+            None => {}
+        }
+        if xid.seq <= t.acked {
+            // The client said it has this reply: a stale duplicate.
+            return Plan::Ignore;
+        }
+        let (tx, rx) = watch::channel(None);
+        t.slots.insert(xid.seq, Slot::Running(rx));
+        Plan::Run(tx)
+    }
+
+    fn finish(&self, xid: &Xid, kind: OpKind, result: &Shared) {
+        let mut table = self.replies.lock().unwrap();
+        let t = table.entry(xid.client).or_default();
+        if kind.mutates() && xid.seq > t.acked {
+            t.slots.insert(xid.seq, Slot::Done(result.clone()));
+            // Bound memory: the oldest finished replies go first (the
+            // durable record still answers their duplicates).
+            while t.slots.len() > MEMORY_REPLIES_PER_CLIENT {
+                let oldest_done = t
+                    .slots
+                    .iter()
+                    .find(|(_, s)| matches!(s, Slot::Done(_)))
+                    .map(|(k, _)| *k);
+                match oldest_done {
+                    Some(k) => {
+                        t.slots.remove(&k);
+                    }
+                    None => break,
+                }
+            }
+        } else {
+            t.slots.remove(&xid.seq);
+        }
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, reason: &str) {
+    let _ = frame::write_message(
+        stream,
+        &Message::Refused {
+            reason: reason.to_string(),
+        },
+    )
+    .await;
+}
