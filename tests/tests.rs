@@ -1,1 +1,8 @@
+//! Integration tests: one binary, real `afsd` (and `venus`) processes.
+//! Run `cargo build --workspace` first (the README's test command does).
 
+mod support;
+
+mod rpc_semantics;
+mod server_callbacks;
+mod server_safety;

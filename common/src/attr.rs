@@ -13,9 +13,7 @@ pub enum FileKind {
 }
 
 /// A point in time with nanosecond precision, independent of the platform.
-#[derive(
-    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timestamp {
     pub secs: i64,
     pub nanos: u32,
@@ -30,22 +28,13 @@ impl Timestamp {
 impl From<SystemTime> for Timestamp {
     fn from(t: SystemTime) -> Self {
         match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Timestamp {
-                secs: d.as_secs() as i64,
-                nanos: d.subsec_nanos(),
-            },
+            Ok(d) => Timestamp { secs: d.as_secs() as i64, nanos: d.subsec_nanos() },
             Err(e) => {
                 let d = e.duration();
                 if d.subsec_nanos() == 0 {
-                    Timestamp {
-                        secs: -(d.as_secs() as i64),
-                        nanos: 0,
-                    }
+                    Timestamp { secs: -(d.as_secs() as i64), nanos: 0 }
                 } else {
-                    Timestamp {
-                        secs: -(d.as_secs() as i64) - 1,
-                        nanos: 1_000_000_000 - d.subsec_nanos(),
-                    }
+                    Timestamp { secs: -(d.as_secs() as i64) - 1, nanos: 1_000_000_000 - d.subsec_nanos() }
                 }
             }
         }
@@ -57,8 +46,7 @@ impl From<Timestamp> for SystemTime {
         if t.secs >= 0 {
             UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
         } else {
-            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs())
-                + Duration::from_nanos(t.nanos as u64)
+            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
         }
     }
 }
@@ -126,14 +114,8 @@ mod tests {
     fn timestamps_round_trip_through_system_time() {
         for t in [
             Timestamp { secs: 0, nanos: 0 },
-            Timestamp {
-                secs: 1_700_000_000,
-                nanos: 123_456_789,
-            },
-            Timestamp {
-                secs: -5,
-                nanos: 250_000_000,
-            },
+            Timestamp { secs: 1_700_000_000, nanos: 123_456_789 },
+            Timestamp { secs: -5, nanos: 250_000_000 },
         ] {
             let st: SystemTime = t.into();
             assert_eq!(Timestamp::from(st), t);

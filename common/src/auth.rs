@@ -28,17 +28,11 @@ impl std::fmt::Debug for Key {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("key file {path} is not a valid key: expected {} hex digits", KEY_LEN * 2)]
     Format { path: String },
     #[error("cannot create key file {path}: {source}")]
-    Create {
-        path: String,
-        source: std::io::Error,
-    },
+    Create { path: String, source: std::io::Error },
 }
 
 impl Key {
@@ -52,13 +46,9 @@ impl Key {
 
     /// Reads a key file: hex digits, surrounding whitespace ignored.
     pub fn load(path: &Path) -> Result<Key, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(text.trim()).ok_or_else(|| KeyError::Format {
-            path: path.display().to_string(),
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+        Self::parse(text.trim()).ok_or_else(|| KeyError::Format { path: path.display().to_string() })
     }
 
     fn parse(hex: &str) -> Option<Key> {
@@ -82,15 +72,11 @@ impl Key {
     pub fn load_or_create(path: &Path) -> Result<Key, KeyError> {
         match Self::load(path) {
             Ok(k) => return Ok(k),
-            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-            }
+            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         let key = Key::random();
-        let create = |source| KeyError::Create {
-            path: path.display().to_string(),
-            source,
-        };
+        let create = |source| KeyError::Create { path: path.display().to_string(), source };
         let tmp = path.with_extension("key.tmp");
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -103,16 +89,13 @@ impl Key {
         f.sync_all().map_err(create)?;
         std::fs::rename(&tmp, path).map_err(create)?;
         if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(create)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(create)?;
         }
         Ok(key)
     }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(label);
         for p in parts {
             m.update(&(p.len() as u32).to_be_bytes());
@@ -123,30 +106,17 @@ impl Key {
 
     /// What the client sends to prove it holds the key.
     pub fn client_proof(&self, client: Uuid, client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
-        self.mac(
-            b"afs client proof",
-            &[client.as_bytes(), client_nonce, server_nonce],
-        )
+        self.mac(b"afs client proof", &[client.as_bytes(), client_nonce, server_nonce])
     }
 
     /// What the server sends back to prove the same.
     pub fn server_proof(&self, client: Uuid, client_nonce: &[u8], server_nonce: &[u8]) -> Vec<u8> {
-        self.mac(
-            b"afs server proof",
-            &[client.as_bytes(), client_nonce, server_nonce],
-        )
+        self.mac(b"afs server proof", &[client.as_bytes(), client_nonce, server_nonce])
     }
 
     /// Constant-time check of a client's proof.
-    pub fn verify_client(
-        &self,
-        client: Uuid,
-        client_nonce: &[u8],
-        server_nonce: &[u8],
-        mac: &[u8],
-    ) -> bool {
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
+    pub fn verify_client(&self, client: Uuid, client_nonce: &[u8], server_nonce: &[u8], mac: &[u8]) -> bool {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key length");
         m.update(b"afs client proof");
         for p in [client.as_bytes().as_slice(), client_nonce, server_nonce] {
             m.update(&(p.len() as u32).to_be_bytes());
@@ -155,20 +125,9 @@ impl Key {
         m.verify_slice(mac).is_ok()
     }
 
-    pub fn verify_server(
-        &self,
-        client: Uuid,
-        client_nonce: &[u8],
-        server_nonce: &[u8],
-        mac: &[u8],
-    ) -> bool {
+    pub fn verify_server(&self, client: Uuid, client_nonce: &[u8], server_nonce: &[u8], mac: &[u8]) -> bool {
         let expected = self.server_proof(client, client_nonce, server_nonce);
-        expected.len() == mac.len()
-            && expected
-                .iter()
-                .zip(mac)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        expected.len() == mac.len() && expected.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 

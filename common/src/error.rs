@@ -131,14 +131,7 @@ mod tests {
 
     #[test]
     fn io_errors_map_to_matching_errno() {
-        for errno in [
-            libc::ENOENT,
-            libc::EEXIST,
-            libc::ENOTDIR,
-            libc::EISDIR,
-            libc::ENOTEMPTY,
-            libc::EXDEV,
-        ] {
+        for errno in [libc::ENOENT, libc::EEXIST, libc::ENOTDIR, libc::EISDIR, libc::ENOTEMPTY, libc::EXDEV] {
             let e: FsError = std::io::Error::from_raw_os_error(errno).into();
             assert_eq!(e.errno(), errno);
         }

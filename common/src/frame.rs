@@ -90,8 +90,7 @@ pub enum Message {
 /// Serialises a message into a complete frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let mut buf = vec![0u8; 4];
-    rmp_serde::encode::write_named(&mut buf, msg)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    rmp_serde::encode::write_named(&mut buf, msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
@@ -128,11 +127,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
     while got < 4 {
         let n = r.read(&mut len[got..]).await?;
         if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(FrameError::Truncated)
-            };
+            return if got == 0 { Ok(None) } else { Err(FrameError::Truncated) };
         }
         got += n;
     }
@@ -149,19 +144,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
 }
 
 /// Reads and decodes one message; a clean close is an error here.
-pub async fn read_message<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    r: &mut R,
-) -> Result<T, FrameError> {
+pub async fn read_message<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
     match read_frame(r).await? {
         Some(body) => decode(&body),
         None => Err(FrameError::Truncated),
     }
 }
 
-pub async fn write_message<W: AsyncWrite + Unpin, T: Serialize>(
-    w: &mut W,
-    msg: &T,
-) -> Result<(), FrameError> {
+pub async fn write_message<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
     w.write_all(&encode(msg)?).await?;
     w.flush().await?;
     Ok(())
@@ -202,26 +192,14 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let xid = Xid {
-            client: Uuid::from_u128(1),
-            seq: 5,
-        };
+        let xid = Xid { client: Uuid::from_u128(1), seq: 5 };
         let call = Message::Call {
             xid,
             ack: 4,
-            body: Request::Create(CreateReq {
-                dir: Fid::ROOT,
-                name: "a".into(),
-                mode: 0o600,
-                exclusive: true,
-            }),
+            body: Request::Create(CreateReq { dir: Fid::ROOT, name: "a".into(), mode: 0o600, exclusive: true }),
         };
         match round_trip(call) {
-            Message::Call {
-                xid: x,
-                ack: 4,
-                body: Request::Create(c),
-            } => {
+            Message::Call { xid: x, ack: 4, body: Request::Create(c) } => {
                 assert_eq!(x, xid);
                 assert_eq!(c.name, "a");
                 assert!(c.exclusive);
@@ -238,39 +216,18 @@ mod tests {
             })),
         };
         match round_trip(ret) {
-            Message::Return {
-                seq: 5,
-                result: Ok(Reply::Fetch(f)),
-            } => {
+            Message::Return { seq: 5, result: Ok(Reply::Fetch(f)) } => {
                 assert_eq!(f.attr, attr_like(&f.attr));
                 assert_eq!(f.data, b"abc");
                 assert_eq!(f.handle, Some(3));
             }
             other => panic!("unexpected {other:?}"),
         }
-        let err = Message::Return {
-            seq: 6,
-            result: Err(FsError::Conflict(Box::new(attr()))),
-        };
-        assert!(matches!(
-            round_trip(err),
-            Message::Return {
-                seq: 6,
-                result: Err(FsError::Conflict(_))
-            }
-        ));
-        let push = Message::Push(Push::Break {
-            fids: vec![Fid(3), Fid(4)],
-        });
-        assert!(
-            matches!(round_trip(push), Message::Push(Push::Break { fids }) if fids == vec![Fid(3), Fid(4)])
-        );
-        let hello = Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            client: Uuid::from_u128(3),
-            nonce: vec![1; 32],
-        };
+        let err = Message::Return { seq: 6, result: Err(FsError::Conflict(Box::new(attr()))) };
+        assert!(matches!(round_trip(err), Message::Return { seq: 6, result: Err(FsError::Conflict(_)) }));
+        let push = Message::Push(Push::Break { fids: vec![Fid(3), Fid(4)] });
+        assert!(matches!(round_trip(push), Message::Push(Push::Break { fids }) if fids == vec![Fid(3), Fid(4)]));
+        let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, client: Uuid::from_u128(3), nonce: vec![1; 32] };
         let frame = encode(&hello).unwrap();
         assert_eq!(decode::<Hello>(&frame[4..]).unwrap(), hello);
     }
@@ -284,16 +241,9 @@ mod tests {
         // 1 MiB of data must cost about 1 MiB on the wire, not an array of
         // integers (which would take up to twice as much).
         let data = vec![0xffu8; CHUNK_SIZE];
-        let msg = Message::Return {
-            seq: 1,
-            result: Ok(Reply::ReadChunk(Chunk { data })),
-        };
+        let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data })) };
         let frame = encode(&msg).unwrap();
-        assert!(
-            frame.len() < CHUNK_SIZE + 256,
-            "frame is {} bytes",
-            frame.len()
-        );
+        assert!(frame.len() < CHUNK_SIZE + 256, "frame is {} bytes", frame.len());
     }
 
     #[test]
@@ -301,38 +251,23 @@ mod tests {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&[0; 16]);
         assert!(matches!(split_frame(&frame), Err(FrameError::TooLarge(_))));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
             let mut r = &frame[..];
-            assert!(matches!(
-                read_frame(&mut r).await,
-                Err(FrameError::TooLarge(_))
-            ));
+            assert!(matches!(read_frame(&mut r).await, Err(FrameError::TooLarge(_))));
         });
-        let big = Message::Return {
-            seq: 1,
-            result: Ok(Reply::ReadChunk(Chunk {
-                data: vec![0; MAX_FRAME + 1],
-            })),
-        };
+        let big = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: vec![0; MAX_FRAME + 1] })) };
         assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
     }
 
     #[test]
     fn truncated_input_is_an_error() {
         let frame = encode(&Message::Ping).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
             for cut in 1..frame.len() {
                 let mut r = &frame[..cut];
-                assert!(
-                    matches!(read_frame(&mut r).await, Err(FrameError::Truncated)),
-                    "cut at {cut}"
-                );
+                assert!(matches!(read_frame(&mut r).await, Err(FrameError::Truncated)), "cut at {cut}");
                 assert!(split_frame(&frame[..cut]).unwrap().is_none());
             }
             let mut empty: &[u8] = &[];
@@ -340,15 +275,9 @@ mod tests {
         });
         // A body cut short decodes to an error, not a panic.
         let call = encode(&Message::Call {
-            xid: Xid {
-                client: Uuid::nil(),
-                seq: 1,
-            },
+            xid: Xid { client: Uuid::nil(), seq: 1 },
             ack: 0,
-            body: Request::Lookup(LookupReq {
-                dir: Fid::ROOT,
-                name: "x".into(),
-            }),
+            body: Request::Lookup(LookupReq { dir: Fid::ROOT, name: "x".into() }),
         })
         .unwrap();
         for cut in 4..call.len() - 1 {
@@ -375,10 +304,7 @@ mod tests {
         }
         // Valid frames with flipped bytes too.
         let good = encode(&Message::Call {
-            xid: Xid {
-                client: Uuid::from_u128(9),
-                seq: 77,
-            },
+            xid: Xid { client: Uuid::from_u128(9), seq: 77 },
             ack: 70,
             body: Request::Rename(RenameReq {
                 from_dir: Fid(2),

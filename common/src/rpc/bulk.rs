@@ -25,17 +25,8 @@ fn io_err(e: std::io::Error) -> RpcError {
 
 /// Fetches the whole file `fid` into `dest` (truncated to the file's size).
 /// Returns the fetch reply, whose attributes describe exactly the bytes written.
-pub async fn fetch_to_file(
-    client: &Client,
-    fid: Fid,
-    dest: Arc<File>,
-) -> Result<FetchReply, RpcError> {
-    let mut reply = client
-        .fetch(FetchReq {
-            fid,
-            inline_max: CHUNK_SIZE as u32,
-        })
-        .await?;
+pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result<FetchReply, RpcError> {
+    let mut reply = client.fetch(FetchReq { fid, inline_max: CHUNK_SIZE as u32 }).await?;
     let size = reply.attr.size;
     let first = std::mem::take(&mut reply.data);
     dest.set_len(0).map_err(io_err)?;
@@ -50,26 +41,14 @@ pub async fn fetch_to_file(
     Ok(reply)
 }
 
-async fn fetch_rest(
-    client: &Client,
-    handle: u64,
-    mut next: u64,
-    size: u64,
-    dest: &Arc<File>,
-) -> Result<(), RpcError> {
+async fn fetch_rest(client: &Client, handle: u64, mut next: u64, size: u64, dest: &Arc<File>) -> Result<(), RpcError> {
     let mut inflight = JoinSet::new();
     loop {
         while next < size && inflight.len() < FETCH_WINDOW {
             let len = (size - next).min(CHUNK_SIZE as u64) as u32;
             let (c, d, offset) = (client.clone(), dest.clone(), next);
             inflight.spawn(async move {
-                let chunk = c
-                    .read_chunk(ReadChunkReq {
-                        handle,
-                        offset,
-                        len,
-                    })
-                    .await?;
+                let chunk = c.read_chunk(ReadChunkReq { handle, offset, len }).await?;
                 if chunk.data.len() != len as usize {
                     return Err(RpcError::Fs(FsError::Io(format!(
                         "short chunk at {offset}: {} of {len} bytes (file changed on the server?)",
@@ -116,24 +95,10 @@ pub async fn store_from_file(
         }
         StoreData::Staged(handle)
     };
-    client
-        .store(StoreReq {
-            fid,
-            base,
-            size,
-            data,
-            mtime,
-            mode,
-        })
-        .await
+    client.store(StoreReq { fid, base, size, data, mtime, mode }).await
 }
 
-async fn stage_all(
-    client: &Client,
-    handle: u64,
-    size: u64,
-    src: &Arc<File>,
-) -> Result<(), RpcError> {
+async fn stage_all(client: &Client, handle: u64, size: u64, src: &Arc<File>) -> Result<(), RpcError> {
     let mut inflight = JoinSet::new();
     let mut next = 0u64;
     loop {
@@ -148,12 +113,7 @@ async fn stage_all(
                 .await
                 .map_err(|e| RpcError::Protocol(e.to_string()))?
                 .map_err(io_err)?;
-                c.stage_write(StageWriteReq {
-                    handle,
-                    offset,
-                    data,
-                })
-                .await
+                c.stage_write(StageWriteReq { handle, offset, data }).await
             });
             next += len as u64;
         }

@@ -96,6 +96,8 @@ struct Conn {
     pings: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
     /// Set by the reader task when the connection ends.
     closed: Arc<AtomicBool>,
+    /// Tells the reader task to close the connection.
+    kill: Arc<tokio::sync::Notify>,
 }
 
 impl Conn {
@@ -191,6 +193,8 @@ impl Client {
     /// Drops the current connection (for tests and for going offline).
     pub async fn disconnect(&self) {
         if let Some(c) = self.inner.conn.lock().await.take() {
+            c.closed.store(true, Ordering::SeqCst);
+            c.kill.notify_one();
             c.pending.lock().unwrap().clear();
         }
     }
@@ -203,17 +207,11 @@ impl Client {
     /// Round trip with no work on the server: a liveness probe.
     pub async fn ping(&self, wait: Duration) -> Result<Duration, RpcError> {
         let start = Instant::now();
-        let conn = timeout(wait, self.connection())
-            .await
-            .map_err(|_| RpcError::Timeout(wait))??;
+        let conn = timeout(wait, self.connection()).await.map_err(|_| RpcError::Timeout(wait))??;
         let (tx, rx) = oneshot::channel();
         conn.pings.lock().unwrap().push(tx);
-        let frame =
-            Arc::new(frame::encode(&Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
-        conn.outbox
-            .send(frame)
-            .await
-            .map_err(|_| RpcError::Unreachable("connection closed".into()))?;
+        let frame = Arc::new(frame::encode(&Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
+        conn.outbox.send(frame).await.map_err(|_| RpcError::Unreachable("connection closed".into()))?;
         match timeout(wait.saturating_sub(start.elapsed()), rx).await {
             Ok(Ok(())) => Ok(start.elapsed()),
             Ok(Err(_)) => Err(RpcError::Unreachable("connection closed".into())),
@@ -234,8 +232,7 @@ impl Client {
     pub async fn call<O: Operation>(&self, op: O) -> Result<O::Reply, RpcError> {
         let seq = self.allocate_sequence();
         let reply = self.call_with_seq(seq, op.into_request()).await?;
-        O::from_reply(reply)
-            .ok_or_else(|| RpcError::Protocol(format!("reply of the wrong kind to {:?}", O::KIND)))
+        O::from_reply(reply).ok_or_else(|| RpcError::Protocol(format!("reply of the wrong kind to {:?}", O::KIND)))
     }
 
     /// Sends a request under a given sequence number (from
@@ -246,17 +243,10 @@ impl Client {
         let inner = &*self.inner;
         inner.outstanding.lock().unwrap().insert(seq);
         let _guard = OutstandingGuard(inner, seq);
-        let xid = Xid {
-            client: inner.cfg.client_id,
-            seq,
-        };
+        let xid = Xid { client: inner.cfg.client_id, seq };
         let frame: Frame = Arc::new(
-            frame::encode(&Message::Call {
-                xid,
-                ack: self.ack(),
-                body,
-            })
-            .map_err(|e| RpcError::Protocol(e.to_string()))?,
+            frame::encode(&Message::Call { xid, ack: self.ack(), body })
+                .map_err(|e| RpcError::Protocol(e.to_string()))?,
         );
         let deadline = Instant::now() + inner.cfg.call_timeout;
         let mut backoff = Duration::from_millis(50);
@@ -268,10 +258,7 @@ impl Client {
                 Ok(Err(e @ RpcError::Refused(_))) => return Err(e),
                 Ok(Err(e)) => {
                     last_err = e;
-                    tokio::time::sleep(
-                        backoff.min(deadline.saturating_duration_since(Instant::now())),
-                    )
-                    .await;
+                    tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
@@ -320,18 +307,15 @@ impl Client {
         *slot = None;
         let c = timeout(self.inner.cfg.connect_timeout, self.open())
             .await
-            .map_err(|_| {
-                RpcError::Unreachable(format!("connect to {} timed out", self.inner.cfg.addr))
-            })??;
+            .map_err(|_| RpcError::Unreachable(format!("connect to {} timed out", self.inner.cfg.addr)))??;
         *slot = Some(c.clone());
         Ok(c)
     }
 
     async fn open(&self) -> Result<Arc<Conn>, RpcError> {
         let cfg = &self.inner.cfg;
-        let mut stream = TcpStream::connect(&cfg.addr)
-            .await
-            .map_err(|e| RpcError::Unreachable(format!("{}: {e}", cfg.addr)))?;
+        let mut stream =
+            TcpStream::connect(&cfg.addr).await.map_err(|e| RpcError::Unreachable(format!("{}: {e}", cfg.addr)))?;
         stream.set_nodelay(true).ok();
         let server = handshake(&mut stream, cfg).await?;
         let id = self.inner.next_conn.fetch_add(1, Ordering::SeqCst);
@@ -343,12 +327,10 @@ impl Client {
             pending: Arc::new(Mutex::new(HashMap::new())),
             pings: Arc::new(Mutex::new(Vec::new())),
             closed: Arc::new(AtomicBool::new(false)),
+            kill: Arc::new(tokio::sync::Notify::new()),
         });
-        let (pending, pings, closed) = (
-            conn.pending.clone(),
-            conn.pings.clone(),
-            conn.closed.clone(),
-        );
+        let (pending, pings, closed) = (conn.pending.clone(), conn.pings.clone(), conn.closed.clone());
+        let kill = conn.kill.clone();
         let weak = Arc::downgrade(&self.inner);
         let outbox = conn.outbox.clone();
         tokio::spawn(async move {
@@ -360,7 +342,11 @@ impl Client {
                 }
             };
             loop {
-                let msg: Message = match frame::read_frame(&mut rd).await {
+                let read = tokio::select! {
+                    r = frame::read_frame(&mut rd) => r,
+                    _ = kill.notified() => break,
+                };
+                let msg: Message = match read {
                     Ok(Some(body)) => match frame::decode(&body) {
                         Ok(m) => m,
                         Err(e) => {
@@ -410,54 +396,28 @@ impl Client {
 async fn handshake(stream: &mut TcpStream, cfg: &ClientConfig) -> Result<Uuid, RpcError> {
     let proto = |e: FrameError| match e {
         FrameError::Io(e) => RpcError::Unreachable(e.to_string()),
-        FrameError::Truncated => {
-            RpcError::Unreachable("server closed the connection during the handshake".into())
-        }
+        FrameError::Truncated => RpcError::Unreachable("server closed the connection during the handshake".into()),
         other => RpcError::Protocol(other.to_string()),
     };
     let nonce = random_bytes::<NONCE_LEN>().to_vec();
-    let hello = Hello {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        client: cfg.client_id,
-        nonce: nonce.clone(),
-    };
+    let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, client: cfg.client_id, nonce: nonce.clone() };
     frame::write_message(stream, &hello).await.map_err(proto)?;
-    let server_nonce = match frame::read_message::<_, Message>(stream)
-        .await
-        .map_err(proto)?
-    {
+    let server_nonce = match frame::read_message::<_, Message>(stream).await.map_err(proto)? {
         Message::Challenge { nonce } => nonce,
         Message::Refused { reason } => return Err(RpcError::Refused(reason)),
-        other => {
-            return Err(RpcError::Protocol(format!(
-                "expected a challenge, got {other:?}"
-            )))
-        }
+        other => return Err(RpcError::Protocol(format!("expected a challenge, got {other:?}"))),
     };
     let mac = cfg.key.client_proof(cfg.client_id, &nonce, &server_nonce);
-    frame::write_message(stream, &Message::Proof { mac })
-        .await
-        .map_err(proto)?;
-    match frame::read_message::<_, Message>(stream)
-        .await
-        .map_err(proto)?
-    {
+    frame::write_message(stream, &Message::Proof { mac }).await.map_err(proto)?;
+    match frame::read_message::<_, Message>(stream).await.map_err(proto)? {
         Message::Welcome { mac, server } => {
-            if cfg
-                .key
-                .verify_server(cfg.client_id, &nonce, &server_nonce, &mac)
-            {
+            if cfg.key.verify_server(cfg.client_id, &nonce, &server_nonce, &mac) {
                 Ok(server)
             } else {
-                Err(RpcError::Refused(
-                    "the server could not prove it holds our key".into(),
-                ))
+                Err(RpcError::Refused("the server could not prove it holds our key".into()))
             }
         }
         Message::Refused { reason } => Err(RpcError::Refused(reason)),
-        other => Err(RpcError::Protocol(format!(
-            "expected welcome, got {other:?}"
-        ))),
+        other => Err(RpcError::Protocol(format!("expected welcome, got {other:?}"))),
     }
 }

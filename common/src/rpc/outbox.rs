@@ -61,11 +61,7 @@ impl Outbox {
     }
 
     pub async fn send(&self, frame: Frame) -> Result<(), Closed> {
-        let queue = if frame.len() > BULK_THRESHOLD {
-            &self.bulk
-        } else {
-            &self.urgent
-        };
+        let queue = if frame.len() > BULK_THRESHOLD { &self.bulk } else { &self.urgent };
         queue.send(frame).await.map_err(|_| Closed)
     }
 

@@ -112,11 +112,7 @@ impl<S: Service + Hooks> RpcServer<S> {
     }
 
     /// Accepts connections until `shutdown` turns true.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(10);
         loop {
             tokio::select! {
@@ -145,10 +141,7 @@ impl<S: Service + Hooks> RpcServer<S> {
 
     async fn connection(self: Arc<Self>, mut stream: TcpStream) -> Result<(), String> {
         stream.set_nodelay(true).ok();
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         let client = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut stream))
             .await
             .map_err(|_| "handshake timed out".to_string())??;
@@ -156,13 +149,7 @@ impl<S: Service + Hooks> RpcServer<S> {
         tracing::info!(%client, conn, %peer, "client connected");
         let (mut rd, wr) = stream.into_split();
         let outbox = Outbox::spawn(wr);
-        self.service.connected(
-            client,
-            conn,
-            Pusher {
-                outbox: outbox.clone(),
-            },
-        );
+        self.service.connected(client, conn, Pusher { outbox: outbox.clone() });
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let body = match frame::read_frame(&mut rd).await {
@@ -173,16 +160,9 @@ impl<S: Service + Hooks> RpcServer<S> {
             match frame::decode::<Message>(&body) {
                 Ok(Message::Call { xid, ack, body }) => {
                     if xid.client != client {
-                        break Err(format!(
-                            "request claims client {} on a connection of {client}",
-                            xid.client
-                        ));
+                        break Err(format!("request claims client {} on a connection of {client}", xid.client));
                     }
-                    let permit = permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore never closed");
+                    let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
                     let (this, outbox) = (self.clone(), outbox.clone());
                     tokio::spawn(async move {
                         this.call(conn, xid, ack, body, &outbox).await;
@@ -207,11 +187,7 @@ impl<S: Service + Hooks> RpcServer<S> {
             Ok(Some(body)) => match frame::decode(&body) {
                 Ok(h) => h,
                 Err(_) => {
-                    refuse(
-                        stream,
-                        "malformed hello: not an AFS client or an incompatible protocol",
-                    )
-                    .await;
+                    refuse(stream, "malformed hello: not an AFS client or an incompatible protocol").await;
                     return Err("malformed hello".into());
                 }
             },
@@ -235,14 +211,7 @@ impl<S: Service + Hooks> RpcServer<S> {
             return Err(reason);
         }
         let nonce = random_bytes::<NONCE_LEN>().to_vec();
-        frame::write_message(
-            stream,
-            &Message::Challenge {
-                nonce: nonce.clone(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        frame::write_message(stream, &Message::Challenge { nonce: nonce.clone() }).await.map_err(|e| e.to_string())?;
         let mac = match frame::read_message::<_, Message>(stream).await {
             Ok(Message::Proof { mac }) => mac,
             Ok(_) | Err(FrameError::Malformed(_)) => {
@@ -251,25 +220,16 @@ impl<S: Service + Hooks> RpcServer<S> {
             }
             Err(e) => return Err(format!("reading proof: {e}")),
         };
-        if !self
-            .key
-            .verify_client(hello.client, &hello.nonce, &nonce, &mac)
-        {
+        if !self.key.verify_client(hello.client, &hello.nonce, &nonce, &mac) {
             let reason = "authentication failed: the client does not hold this server's key";
             refuse(stream, reason).await;
             tracing::warn!(client = %hello.client, "{reason}");
             return Err(reason.into());
         }
         let mac = self.key.server_proof(hello.client, &hello.nonce, &nonce);
-        frame::write_message(
-            stream,
-            &Message::Welcome {
-                mac,
-                server: self.server_id,
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        frame::write_message(stream, &Message::Welcome { mac, server: self.server_id })
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(hello.client)
     }
 
@@ -294,11 +254,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                 }
             },
             Plan::Run(tx) => {
-                let recorded = if kind.mutates() {
-                    self.service.recorded_reply(&xid)
-                } else {
-                    None
-                };
+                let recorded = if kind.mutates() { self.service.recorded_reply(&xid) } else { None };
                 let result: Shared = match recorded {
                     Some(r) => Arc::new(r),
                     None => {
@@ -312,10 +268,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                 result
             }
         };
-        let msg = Message::Return {
-            seq: xid.seq,
-            result: (*result).clone(),
-        };
+        let msg = Message::Return { seq: xid.seq, result: (*result).clone() };
         match frame::encode(&msg) {
             Ok(f) => {
                 let _ = outbox.send(Frame::new(f)).await;
@@ -368,11 +321,7 @@ impl<S: Service + Hooks> RpcServer<S> {
             // Bound memory: the oldest finished replies go first (the
             // durable record still answers their duplicates).
             while t.slots.len() > MEMORY_REPLIES_PER_CLIENT {
-                let oldest_done = t
-                    .slots
-                    .iter()
-                    .find(|(_, s)| matches!(s, Slot::Done(_)))
-                    .map(|(k, _)| *k);
+                let oldest_done = t.slots.iter().find(|(_, s)| matches!(s, Slot::Done(_))).map(|(k, _)| *k);
                 match oldest_done {
                     Some(k) => {
                         t.slots.remove(&k);
@@ -387,11 +336,5 @@ impl<S: Service + Hooks> RpcServer<S> {
 }
 
 async fn refuse(stream: &mut TcpStream, reason: &str) {
-    let _ = frame::write_message(
-        stream,
-        &Message::Refused {
-            reason: reason.to_string(),
-        },
-    )
-    .await;
+    let _ = frame::write_message(stream, &Message::Refused { reason: reason.to_string() }).await;
 }

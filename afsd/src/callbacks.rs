@@ -1,0 +1,144 @@
+//! Callback promises: who caches what, and telling them when it changes.
+//!
+//! A promise is a (fid, client) entry in sled with an expiry. Breaking an
+//! object removes its promises and pushes a break to every holder that is
+//! connected; a holder that is away gets the break recorded in `pending` and
+//! delivered first thing when it reconnects, so it never trusts a stale copy.
+//!
+//! Promises are written without an fsync of their own (that would cost one
+//! per fetch). Instead the server records whether it shut down cleanly; after
+//! a crash every known client is sent `BreakAll` on reconnect and revalidates
+//! (one `validate` round), which is safe whatever the crash lost.
+
+use crate::db::{be_u64, callback_key, db_err, pending_key, Db};
+use common::proto::{Promise, Push};
+use common::rpc::Pusher;
+use common::{Fid, FsError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// How long a promise lasts without renewal.
+pub const PROMISE_LIFETIME: Duration = Duration::from_secs(2 * 3600);
+
+/// The marker fid in `pending` meaning "revalidate everything".
+const BREAK_ALL: Fid = Fid(u64::MAX);
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+pub struct Callbacks {
+    db: Arc<Db>,
+    /// Connected clients: (connection id, pusher).
+    sessions: Mutex<HashMap<Uuid, (u64, Pusher)>>,
+    pub breaks_sent: AtomicU64,
+}
+
+impl Callbacks {
+    pub fn new(db: Arc<Db>) -> Callbacks {
+        Callbacks { db, sessions: Mutex::new(HashMap::new()), breaks_sent: AtomicU64::new(0) }
+    }
+
+    pub fn connected_clients(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    pub fn promises_held(&self) -> usize {
+        self.db.callbacks.len()
+    }
+
+    /// Gives `client` a promise on `fid`. Call this before reading the
+    /// object, so a change racing with the read breaks the new promise.
+    pub fn promise(&self, client: Uuid, fid: Fid) -> Result<Promise, FsError> {
+        let expires = now_secs() + PROMISE_LIFETIME.as_secs() as i64;
+        self.db.callbacks.insert(callback_key(fid, client), &expires.to_be_bytes()).map_err(db_err)?;
+        Ok(Promise { expires })
+    }
+
+    /// A client connected: deliver what it missed, then remember its pusher.
+    pub fn connected(&self, client: Uuid, conn: u64, pusher: Pusher) {
+        let _ = self.db.clients.insert(client.as_bytes(), &now_secs().to_be_bytes());
+        let mut missed = Vec::new();
+        let mut all = false;
+        for (k, _) in self.db.pending.scan_prefix(client.as_bytes()).flatten() {
+            let fid = Fid(be_u64(&k[16..]));
+            if fid == BREAK_ALL {
+                all = true;
+            } else {
+                missed.push(fid);
+            }
+            let _ = self.db.pending.remove(k);
+        }
+        // Queue before any reply can be sent on this connection.
+        if all {
+            tracing::info!(%client, "client missed too much while away: BreakAll");
+            tokio::spawn(pusher.push(Push::BreakAll));
+        }
+        if !missed.is_empty() {
+            tracing::info!(%client, count = missed.len(), "delivering breaks missed while away");
+            self.breaks_sent.fetch_add(missed.len() as u64, Ordering::Relaxed);
+            tokio::spawn(pusher.push(Push::Break { fids: missed }));
+        }
+        self.sessions.lock().unwrap().insert(client, (conn, pusher));
+    }
+
+    pub fn disconnected(&self, client: Uuid, conn: u64) {
+        let mut s = self.sessions.lock().unwrap();
+        if matches!(s.get(&client), Some((c, _)) if *c == conn) {
+            s.remove(&client);
+        }
+    }
+
+    /// After an unclean shutdown, every client that may hold promises is told
+    /// to revalidate everything when it next connects.
+    pub fn break_all_known_clients(&self) -> Result<usize, FsError> {
+        let mut n = 0;
+        for (k, _) in self.db.clients.iter().flatten() {
+            if let Ok(client) = Uuid::from_slice(&k) {
+                self.db.pending.insert(pending_key(client, BREAK_ALL), &[]).map_err(db_err)?;
+                n += 1;
+            }
+        }
+        self.db.callbacks.clear().map_err(db_err)?;
+        Ok(n)
+    }
+
+    /// Breaks every promise on these objects except `except`'s (the client
+    /// that made the change knows about it).
+    pub async fn break_fids(&self, fids: &[Fid], except: Option<Uuid>) {
+        let now = now_secs();
+        let mut per_client: HashMap<Uuid, Vec<Fid>> = HashMap::new();
+        for &fid in fids {
+            for (k, v) in self.db.callbacks.scan_prefix(fid.0.to_be_bytes()).flatten() {
+                let Ok(client) = Uuid::from_slice(&k[8..]) else { continue };
+                if Some(client) == except {
+                    continue;
+                }
+                let _ = self.db.callbacks.remove(&k);
+                if (be_u64(&v) as i64) < now {
+                    continue; // expired: the client no longer trusts it anyway
+                }
+                per_client.entry(client).or_default().push(fid);
+            }
+        }
+        for (client, fids) in per_client {
+            let pusher = self.sessions.lock().unwrap().get(&client).map(|(_, p)| p.clone());
+            let delivered = match pusher {
+                Some(p) => p.push(Push::Break { fids: fids.clone() }).await,
+                None => false,
+            };
+            if delivered {
+                self.breaks_sent.fetch_add(fids.len() as u64, Ordering::Relaxed);
+                tracing::debug!(%client, ?fids, "callback break sent");
+            } else {
+                tracing::debug!(%client, ?fids, "client away: break kept for its return");
+                for fid in fids {
+                    let _ = self.db.pending.insert(pending_key(client, fid), &[]);
+                }
+            }
+        }
+    }
+}

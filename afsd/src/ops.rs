@@ -1,0 +1,720 @@
+//! The protocol's operations, as the server runs them.
+//!
+//! Reads answer from the export and the database, giving callback promises
+//! as they go. Mutations take the stripe locks of what they touch, decide,
+//! and hand a [`Plan`] to [`Volume::execute`], which makes them durable,
+//! at-most-once and crash-safe.
+
+use crate::db::Object;
+use crate::export::Stat;
+use crate::handles::Kind;
+use crate::volume::{Intent, NewKind, Plan, Volume};
+use common::error::validate_name;
+use common::frame::CHUNK_SIZE;
+use common::proto::*;
+use common::{Attr, DirEntry, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+/// Refuses a mutation whose base version is no longer the object's version.
+fn check_base(vol: &Volume, fid: Fid, obj: &Object, st: &Stat, base: Option<&VersionVector>) -> Result<(), FsError> {
+    match base {
+        Some(b) if *b != obj.version => Err(FsError::Conflict(Box::new(vol.attr(fid, obj, st)))),
+        _ => Ok(()),
+    }
+}
+
+fn bumped(obj: &Object, who: uuid::Uuid) -> Object {
+    let mut o = obj.clone();
+    o.version.increment(who);
+    o
+}
+
+/// The attributes a directory will have once an entry changed in it.
+fn dir_after(vol: &Volume, fid: Fid, obj: &Object, st: &Stat, now: Timestamp) -> Attr {
+    let mut a = vol.attr(fid, obj, st);
+    a.mtime = now;
+    a.ctime = now;
+    a
+}
+
+impl Volume {
+    fn promise_for(&self, cx: &CallContext, fid: Fid) -> Option<Promise> {
+        self.callbacks.promise(cx.client(), fid).ok()
+    }
+
+    /// Current object, stat and attributes of `fid`, noticing outside edits.
+    async fn current(&self, fid: Fid, held: bool) -> Result<(Object, Stat), FsError> {
+        let obj = self.object(fid)?;
+        let st = self.stat_of(fid)?;
+        let obj = self.notice_external(fid, obj, &st, held).await?;
+        Ok((obj, st))
+    }
+
+    /// Creates a file, directory or symlink: the shared body of create,
+    /// mkdir and symlink.
+    async fn make(
+        &self,
+        cx: &CallContext,
+        kind: OpKind,
+        dir: Fid,
+        name: String,
+        mode: u32,
+        what: NewKind,
+        exclusive: bool,
+    ) -> Result<NewEntry, FsError> {
+        validate_name(&name)?;
+        if self.hidden(dir, &name) {
+            return Err(FsError::Access);
+        }
+        let fid = self.new_fid()?;
+        let _g = self.lock(&[dir, fid]).await;
+        let (d, dpath) = self.open_dir(dir)?;
+        let (dobj, dst) = self.current(dir, true).await?;
+        if let Some((efid, eobj, est)) = self.resolve_locked(&d, dir, &name)? {
+            // Not exclusive and a file already there: O_CREAT opens it.
+            if !exclusive && matches!(what, NewKind::File) && eobj.kind == FileKind::File {
+                let attr = self.attr(efid, &eobj, &est);
+                return Ok(NewEntry { attr, dir: self.attr(dir, &dobj, &dst), promise: self.promise_for(cx, efid) });
+            }
+            return Err(FsError::Exists);
+        }
+        let now = Timestamp::now();
+        let (fkind, perm, size) = match &what {
+            NewKind::File => (FileKind::File, mode & 0o7777, 0),
+            NewKind::Dir => (FileKind::Dir, mode & 0o7777, 0),
+            NewKind::Symlink(t) => (FileKind::Symlink, 0o777, t.len() as u64),
+        };
+        let mut version = VersionVector::new();
+        version.increment(cx.client());
+        let obj = Object { kind: fkind, names: vec![(dir, name.clone())], version, seen: Default::default() };
+        let new_dir = bumped(&dobj, cx.client());
+        let attr = Attr {
+            fid,
+            kind: fkind,
+            size,
+            mode: perm,
+            nlink: if fkind == FileKind::Dir { 2 } else { 1 },
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            version: obj.version.clone(),
+        };
+        let reply =
+            NewEntry { attr, dir: dir_after(self, dir, &new_dir, &dst, now), promise: self.promise_for(cx, fid) };
+        let plan = Plan {
+            objects: vec![(fid, Some(obj)), (dir, Some(new_dir))],
+            dirents: vec![(dir, name.clone(), Some(fid))],
+            intent: Some(Intent::Create { dir: dpath.names().to_vec(), name, mode: perm, mtime: now, what }),
+            reseen: vec![fid, dir],
+            breaks: vec![dir],
+        };
+        let reply = match kind {
+            OpKind::Mkdir => Reply::Mkdir(reply),
+            OpKind::Symlink => Reply::Symlink(reply),
+            _ => Reply::Create(reply),
+        };
+        match self.execute(&cx.xid, kind, plan, reply).await? {
+            Reply::Create(r) | Reply::Mkdir(r) | Reply::Symlink(r) => Ok(r),
+            _ => unreachable!("make builds one of these replies"),
+        }
+    }
+
+    /// Runs one record of a reintegration under its own transaction id.
+    async fn reintegrate_one(&self, cx: &CallContext, req: Request) -> Result<Reply, FsError> {
+        let kind = req.kind();
+        self.stats.count_reintegrated(kind);
+        if kind.mutates() {
+            if let Some(r) = self.recorded_reply(&cx.xid) {
+                return r;
+            }
+        }
+        match req {
+            Request::Store(r) => self.store(cx, r).await.map(Reply::Store),
+            Request::Create(r) => self.create(cx, r).await.map(Reply::Create),
+            Request::Mkdir(r) => self.mkdir(cx, r).await.map(Reply::Mkdir),
+            Request::Symlink(r) => self.symlink(cx, r).await.map(Reply::Symlink),
+            Request::Link(r) => self.link(cx, r).await.map(Reply::Link),
+            Request::Remove(r) => self.remove(cx, r).await.map(Reply::Remove),
+            Request::Rmdir(r) => self.rmdir(cx, r).await.map(Reply::Rmdir),
+            Request::Rename(r) => self.rename(cx, r).await.map(Reply::Rename),
+            Request::SetAttr(r) => self.setattr(cx, r).await.map(Reply::SetAttr),
+            other => Err(FsError::Invalid(format!("{:?} cannot be reintegrated", other.kind()))),
+        }
+    }
+}
+
+impl Service for Volume {
+    async fn lookup(&self, cx: &CallContext, req: LookupReq) -> Result<EntryReply, FsError> {
+        let (fid, obj, st) = self.resolve(req.dir, &req.name).await?;
+        let promise = self.promise_for(cx, fid);
+        Ok(EntryReply { attr: self.attr(fid, &obj, &st), promise })
+    }
+
+    async fn getattr(&self, cx: &CallContext, req: GetAttrReq) -> Result<EntryReply, FsError> {
+        let promise = self.promise_for(cx, req.fid);
+        let (obj, st) = self.current(req.fid, false).await?;
+        Ok(EntryReply { attr: self.attr(req.fid, &obj, &st), promise })
+    }
+
+    async fn readdir(&self, cx: &CallContext, req: ReadDirReq) -> Result<ReadDirReply, FsError> {
+        let promise = self.promise_for(cx, req.dir);
+        let (obj, st) = self.current(req.dir, false).await?;
+        let _g = self.lock(&[req.dir]).await;
+        let (d, _) = self.open_dir(req.dir)?;
+        let names = tokio::task::block_in_place(|| d.list())?;
+        let mut entries = Vec::with_capacity(names.len());
+        for name in &names {
+            if let Some((fid, o, _)) = self.resolve_locked(&d, req.dir, name)? {
+                entries.push(DirEntry { name: name.clone(), fid, kind: o.kind });
+            }
+        }
+        // Forget names that vanished from disk behind the server's back.
+        let prefix = req.dir.0.to_be_bytes();
+        for (k, _) in self.db.dirents.scan_prefix(prefix).flatten() {
+            let name = String::from_utf8_lossy(&k[8..]).into_owned();
+            if !names.contains(&name) {
+                let _ = self.db.dirents.remove(&k);
+            }
+        }
+        Ok(ReadDirReply { attr: self.attr(req.dir, &obj, &st), entries, promise })
+    }
+
+    async fn fetch(&self, cx: &CallContext, req: FetchReq) -> Result<FetchReply, FsError> {
+        // The promise comes first, so a store racing with this fetch breaks it.
+        let promise = self.promise_for(cx, req.fid);
+        let (obj, st) = self.current(req.fid, false).await?;
+        match obj.kind {
+            FileKind::Dir => return Err(FsError::IsDir),
+            FileKind::Symlink => {
+                let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+                let (d, _) = self.open_dir(parent)?;
+                let target = d.readlink(&name)?;
+                return Ok(FetchReply {
+                    attr: self.attr(req.fid, &obj, &st),
+                    promise,
+                    data: target.into_bytes(),
+                    handle: None,
+                });
+            }
+            FileKind::File => {}
+        }
+        // Open and read the version under the lock, so the descriptor and the
+        // version belong together; the data is read after letting go.
+        let (file, attr) = {
+            let _g = self.lock(&[req.fid]).await;
+            let obj = self.object(req.fid)?;
+            let path = self.path_of(req.fid)?;
+            let file = self.export.open_file(&path, libc::O_RDONLY)?;
+            let st = crate::export::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))?;
+            let obj = self.notice_external(req.fid, obj, &st, true).await?;
+            (file, self.attr(req.fid, &obj, &st))
+        };
+        let inline = (req.inline_max as usize).min(CHUNK_SIZE) as u64;
+        let first = attr.size.min(inline) as usize;
+        let mut data = vec![0u8; first];
+        tokio::task::block_in_place(|| file.read_exact_at(&mut data, 0))?;
+        let handle = if attr.size > first as u64 {
+            Some(
+                self.handles
+                    .insert(cx.client(), file, Kind::Read)
+                    .ok_or(FsError::Io("too many open transfers".into()))?,
+            )
+        } else {
+            None
+        };
+        Ok(FetchReply { attr, promise, data, handle })
+    }
+
+    async fn read_chunk(&self, cx: &CallContext, req: ReadChunkReq) -> Result<Chunk, FsError> {
+        if req.len as usize > CHUNK_SIZE {
+            return Err(FsError::Invalid(format!("chunk of {} bytes exceeds {CHUNK_SIZE}", req.len)));
+        }
+        let file = self.handles.get(cx.client(), req.handle, false).ok_or(FsError::Stale)?;
+        let mut data = vec![0u8; req.len as usize];
+        let n = tokio::task::block_in_place(|| {
+            let mut got = 0;
+            while got < data.len() {
+                match file.read_at(&mut data[got..], req.offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(got)
+        })?;
+        data.truncate(n);
+        Ok(Chunk { data })
+    }
+
+    async fn release(&self, cx: &CallContext, req: ReleaseReq) -> Result<(), FsError> {
+        self.handles.release(cx.client(), req.handle);
+        Ok(())
+    }
+
+    async fn readlink(&self, _cx: &CallContext, req: ReadlinkReq) -> Result<LinkTarget, FsError> {
+        let obj = self.object(req.fid)?;
+        if obj.kind != FileKind::Symlink {
+            return Err(FsError::Invalid("not a symlink".into()));
+        }
+        let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+        let (d, _) = self.open_dir(parent)?;
+        Ok(LinkTarget { target: d.readlink(&name)? })
+    }
+
+    async fn stage_open(&self, cx: &CallContext, _req: StageOpenReq) -> Result<StageHandle, FsError> {
+        let (name, file) = self.new_staging_file()?;
+        match self.handles.insert(cx.client(), file, Kind::Stage(name.clone())) {
+            Some(handle) => Ok(StageHandle { handle }),
+            None => {
+                let _ = std::fs::remove_file(self.staging_path.join(name));
+                Err(FsError::Io("too many open transfers".into()))
+            }
+        }
+    }
+
+    async fn stage_write(&self, cx: &CallContext, req: StageWriteReq) -> Result<(), FsError> {
+        let file = self.handles.get(cx.client(), req.handle, true).ok_or(FsError::Stale)?;
+        tokio::task::block_in_place(|| file.write_all_at(&req.data, req.offset))?;
+        Ok(())
+    }
+
+    async fn store(&self, cx: &CallContext, req: StoreReq) -> Result<EntryReply, FsError> {
+        // Put the new content in a staging file first, outside all locks.
+        let (staging, file) = match req.data {
+            StoreData::Inline(bytes) => {
+                if bytes.len() as u64 != req.size {
+                    return Err(FsError::Invalid(format!("{} bytes sent for a size of {}", bytes.len(), req.size)));
+                }
+                let (name, mut f) = self.new_staging_file()?;
+                tokio::task::block_in_place(|| f.write_all(&bytes))?;
+                (name, f)
+            }
+            StoreData::Staged(h) => {
+                let handle = self.handles.take(cx.client(), h).ok_or(FsError::Stale)?;
+                let Kind::Stage(name) = &handle.kind else {
+                    return Err(FsError::Invalid("not a stage handle".into()));
+                };
+                let name = name.clone();
+                let file = handle.file.try_clone()?;
+                (name, file)
+            }
+        };
+        let discard = |e: FsError| {
+            let _ = std::fs::remove_file(self.staging_path.join(&staging));
+            e
+        };
+        let len = file.metadata().map_err(|e| discard(e.into()))?.len();
+        if len != req.size {
+            return Err(discard(FsError::Invalid(format!("staged {len} bytes for a size of {}", req.size))));
+        }
+        let _g = self.lock(&[req.fid]).await;
+        let result = async {
+            let (obj, st) = self.current(req.fid, true).await?;
+            match obj.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(FsError::IsDir),
+                FileKind::Symlink => return Err(FsError::Invalid("cannot store into a symlink".into())),
+            }
+            check_base(self, req.fid, &obj, &st, Some(&req.base))?;
+            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+            let (_, dpath) = self.open_dir(parent)?;
+            let mode = req.mode.unwrap_or(st.mode) & 0o7777;
+            let mtime = req.mtime.unwrap_or_else(Timestamp::now);
+            let new_st = tokio::task::block_in_place(|| -> Result<Stat, FsError> {
+                file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                std::os::unix::fs::fchown(&file, Some(st.uid), Some(st.gid))?;
+                file.set_modified(mtime.into())?;
+                // The content must be on disk before the commit says it is.
+                file.sync_all()?;
+                crate::export::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))
+            })?;
+            let mut new_obj = bumped(&obj, cx.client());
+            new_obj.seen = (&new_st).into();
+            let mut attr = self.attr(req.fid, &new_obj, &new_st);
+            attr.nlink = st.nlink;
+            let reply = EntryReply { attr, promise: self.promise_for(cx, req.fid) };
+            let plan = Plan {
+                objects: vec![(req.fid, Some(new_obj))],
+                dirents: vec![],
+                intent: Some(Intent::Install { staging: staging.clone(), dir: dpath.names().to_vec(), name }),
+                reseen: vec![req.fid, parent],
+                breaks: vec![req.fid],
+            };
+            match self.execute(&cx.xid, OpKind::Store, plan, Reply::Store(reply)).await? {
+                Reply::Store(r) => Ok(r),
+                _ => unreachable!(),
+            }
+        }
+        .await;
+        result.map_err(discard)
+    }
+
+    async fn create(&self, cx: &CallContext, req: CreateReq) -> Result<NewEntry, FsError> {
+        self.make(cx, OpKind::Create, req.dir, req.name, req.mode, NewKind::File, req.exclusive).await
+    }
+
+    async fn mkdir(&self, cx: &CallContext, req: MkdirReq) -> Result<NewEntry, FsError> {
+        self.make(cx, OpKind::Mkdir, req.dir, req.name, req.mode, NewKind::Dir, true).await
+    }
+
+    async fn symlink(&self, cx: &CallContext, req: SymlinkReq) -> Result<NewEntry, FsError> {
+        if req.target.is_empty() || req.target.contains('\0') || req.target.len() > 4095 {
+            return Err(FsError::Invalid("bad symlink target".into()));
+        }
+        self.make(cx, OpKind::Symlink, req.dir, req.name, 0o777, NewKind::Symlink(req.target), true).await
+    }
+
+    async fn link(&self, cx: &CallContext, req: LinkReq) -> Result<NewEntry, FsError> {
+        validate_name(&req.name)?;
+        if self.hidden(req.dir, &req.name) {
+            return Err(FsError::Access);
+        }
+        let _g = self.lock(&[req.dir, req.fid]).await;
+        let (d, dpath) = self.open_dir(req.dir)?;
+        let (dobj, dst) = self.current(req.dir, true).await?;
+        let (obj, st) = self.current(req.fid, true).await?;
+        if obj.kind == FileKind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if self.resolve_locked(&d, req.dir, &req.name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let (from_parent, from_name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+        let (_, from_path) = self.open_dir(from_parent)?;
+        let now = Timestamp::now();
+        let mut new_obj = bumped(&obj, cx.client());
+        new_obj.names.push((req.dir, req.name.clone()));
+        let new_dir = bumped(&dobj, cx.client());
+        let mut attr = self.attr(req.fid, &new_obj, &st);
+        attr.nlink += 1;
+        attr.ctime = now;
+        let reply = NewEntry {
+            attr,
+            dir: dir_after(self, req.dir, &new_dir, &dst, now),
+            promise: self.promise_for(cx, req.fid),
+        };
+        let plan = Plan {
+            objects: vec![(req.fid, Some(new_obj)), (req.dir, Some(new_dir))],
+            dirents: vec![(req.dir, req.name.clone(), Some(req.fid))],
+            intent: Some(Intent::Link {
+                from_dir: from_path.names().to_vec(),
+                from: from_name,
+                dir: dpath.names().to_vec(),
+                name: req.name,
+            }),
+            reseen: vec![req.fid, req.dir],
+            breaks: vec![req.fid, req.dir],
+        };
+        match self.execute(&cx.xid, OpKind::Link, plan, Reply::Link(reply)).await? {
+            Reply::Link(r) => Ok(r),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn remove(&self, cx: &CallContext, req: RemoveReq) -> Result<DirChanged, FsError> {
+        self.unlink_common(cx, req.dir, req.name, req.base, false).await
+    }
+
+    async fn rmdir(&self, cx: &CallContext, req: RmdirReq) -> Result<DirChanged, FsError> {
+        self.unlink_common(cx, req.dir, req.name, None, true).await
+    }
+
+    async fn rename(&self, cx: &CallContext, req: RenameReq) -> Result<RenameReply, FsError> {
+        validate_name(&req.from_name)?;
+        validate_name(&req.to_name)?;
+        if self.hidden(req.from_dir, &req.from_name) || self.hidden(req.to_dir, &req.to_name) {
+            return Err(FsError::Access);
+        }
+        // Lock the directories, find the objects, and make sure their stripes
+        // are held too; if not, start over holding all of them.
+        let mut want = vec![req.from_dir, req.to_dir];
+        for _ in 0..8 {
+            let _g = self.lock(&want).await;
+            let (fd, fpath) = self.open_dir(req.from_dir)?;
+            let (td, tpath) = self.open_dir(req.to_dir)?;
+            let (src, sobj, sst) = self.resolve_locked(&fd, req.from_dir, &req.from_name)?.ok_or(FsError::NotFound)?;
+            let target = self.resolve_locked(&td, req.to_dir, &req.to_name)?;
+            let mut need = vec![src];
+            if let Some((t, _, _)) = &target {
+                need.push(*t);
+            }
+            if !Volume::covered(&want, &need) {
+                want.extend(need);
+                continue;
+            }
+            let (fobj, fst) = self.current(req.from_dir, true).await?;
+            let (tobj, tst) =
+                if req.to_dir == req.from_dir { (fobj.clone(), fst) } else { self.current(req.to_dir, true).await? };
+            let now = Timestamp::now();
+            if let Some((t, _, _)) = &target {
+                if *t == src {
+                    // Two names of one object, or the same name: nothing to do.
+                    return Ok(RenameReply {
+                        from_dir: self.attr(req.from_dir, &fobj, &fst),
+                        to_dir: self.attr(req.to_dir, &tobj, &tst),
+                        moved: self.attr(src, &sobj, &sst),
+                    });
+                }
+                if req.no_replace {
+                    return Err(FsError::Exists);
+                }
+            }
+            if sobj.kind == FileKind::Dir {
+                // A directory cannot move into itself or below itself.
+                let mut cur = req.to_dir;
+                for _ in 0..4096 {
+                    if cur == src {
+                        return Err(FsError::Invalid("cannot move a directory into itself".into()));
+                    }
+                    if cur == Fid::ROOT {
+                        break;
+                    }
+                    cur = self.object(cur)?.names.first().map(|(p, _)| *p).ok_or(FsError::Stale)?;
+                }
+            }
+            let mut plan = Plan::default();
+            if let Some((t, tgt, tgt_st)) = &target {
+                match (sobj.kind == FileKind::Dir, tgt.kind == FileKind::Dir) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) => {
+                        let (dd, _) = self.open_dir(*t)?;
+                        if !dd.list()?.is_empty() {
+                            return Err(FsError::NotEmpty);
+                        }
+                    }
+                    _ => {}
+                }
+                let mut gone = tgt.clone();
+                gone.names.retain(|(p, n)| !(*p == req.to_dir && *n == req.to_name));
+                if gone.names.is_empty() || tgt.kind == FileKind::Dir {
+                    plan.objects.push((*t, None));
+                } else {
+                    let _ = tgt_st;
+                    plan.objects.push((*t, Some(bumped(&gone, cx.client()))));
+                    plan.reseen.push(*t);
+                }
+                plan.breaks.push(*t);
+            }
+            let mut moved = sobj.clone();
+            for n in moved.names.iter_mut() {
+                if n.0 == req.from_dir && n.1 == req.from_name {
+                    *n = (req.to_dir, req.to_name.clone());
+                }
+            }
+            let new_from = bumped(&fobj, cx.client());
+            plan.objects.push((src, Some(moved.clone())));
+            plan.objects.push((req.from_dir, Some(new_from.clone())));
+            let new_to = if req.to_dir != req.from_dir {
+                let t = bumped(&tobj, cx.client());
+                plan.objects.push((req.to_dir, Some(t.clone())));
+                t
+            } else {
+                new_from.clone()
+            };
+            plan.dirents.push((req.from_dir, req.from_name.clone(), None));
+            plan.dirents.push((req.to_dir, req.to_name.clone(), Some(src)));
+            plan.intent = Some(Intent::Rename {
+                from_dir: fpath.names().to_vec(),
+                from: req.from_name.clone(),
+                to_dir: tpath.names().to_vec(),
+                to: req.to_name.clone(),
+            });
+            plan.reseen.extend([src, req.from_dir, req.to_dir]);
+            plan.breaks.extend([req.from_dir, req.to_dir, src]);
+            let mut moved_attr = self.attr(src, &moved, &sst);
+            moved_attr.ctime = now;
+            let reply = RenameReply {
+                from_dir: dir_after(self, req.from_dir, &new_from, &fst, now),
+                to_dir: dir_after(self, req.to_dir, &new_to, &tst, now),
+                moved: moved_attr,
+            };
+            return match self.execute(&cx.xid, OpKind::Rename, plan, Reply::Rename(reply)).await? {
+                Reply::Rename(r) => Ok(r),
+                _ => unreachable!(),
+            };
+        }
+        Err(FsError::Io("rename kept racing with other changes; try again".into()))
+    }
+
+    async fn setattr(&self, cx: &CallContext, req: SetAttrReq) -> Result<EntryReply, FsError> {
+        let _g = self.lock(&[req.fid]).await;
+        let (obj, st) = self.current(req.fid, true).await?;
+        check_base(self, req.fid, &obj, &st, req.base.as_ref())?;
+        if req.set.size.is_some() && obj.kind == FileKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if req.set.mode.is_some() && obj.kind == FileKind::Symlink {
+            return Err(FsError::NotSupported("chmod of a symlink".into()));
+        }
+        if req.set.is_empty() {
+            return Ok(EntryReply { attr: self.attr(req.fid, &obj, &st), promise: self.promise_for(cx, req.fid) });
+        }
+        let path = self.path_of(req.fid)?;
+        let new_obj = bumped(&obj, cx.client());
+        let mut attr = self.attr(req.fid, &new_obj, &st);
+        let s = &req.set;
+        if let Some(m) = s.mode {
+            attr.mode = m & 0o7777;
+        }
+        if let Some(u) = s.uid {
+            attr.uid = u;
+        }
+        if let Some(g) = s.gid {
+            attr.gid = g;
+        }
+        if let Some(sz) = s.size {
+            attr.size = sz;
+            attr.mtime = Timestamp::now();
+        }
+        if let Some(a) = s.atime {
+            attr.atime = a;
+        }
+        if let Some(m) = s.mtime {
+            attr.mtime = m;
+        }
+        attr.ctime = Timestamp::now();
+        let reply = EntryReply { attr, promise: self.promise_for(cx, req.fid) };
+        let plan = Plan {
+            objects: vec![(req.fid, Some(new_obj))],
+            dirents: vec![],
+            intent: Some(Intent::SetAttr { path: path.names().to_vec(), set: req.set }),
+            reseen: vec![req.fid],
+            breaks: vec![req.fid],
+        };
+        match self.execute(&cx.xid, OpKind::SetAttr, plan, Reply::SetAttr(reply)).await? {
+            Reply::SetAttr(r) => Ok(r),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn statfs(&self, _cx: &CallContext, _req: StatFsReq) -> Result<FsStats, FsError> {
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(self.export.path().as_os_str()))
+            .map_err(|_| FsError::Invalid("export path".into()))?;
+        // SAFETY: valid C string and out-pointer.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(FsStats {
+            blocks: s.f_blocks,
+            bfree: s.f_bfree,
+            bavail: s.f_bavail,
+            files: s.f_files,
+            ffree: s.f_ffree,
+            bsize: s.f_frsize as u32,
+            namelen: 255,
+        })
+    }
+
+    async fn validate(&self, cx: &CallContext, req: ValidateReq) -> Result<ValidateReply, FsError> {
+        if req.items.len() > 100_000 {
+            return Err(FsError::Invalid("validate batch too large".into()));
+        }
+        let mut current = Vec::with_capacity(req.items.len());
+        let mut promise = None;
+        for (fid, version) in req.items {
+            let ok = match self.object(fid) {
+                Ok(_) => {
+                    // Promise first, then check: a racing change breaks it.
+                    let p = self.promise_for(cx, fid);
+                    match self.current(fid, false).await {
+                        Ok((obj, _)) if obj.version == version => {
+                            promise = promise.or(p);
+                            true
+                        }
+                        _ => false,
+                    }
+                }
+                Err(_) => false,
+            };
+            current.push(ok);
+        }
+        Ok(ValidateReply { current, promise })
+    }
+
+    async fn volume_stamp(&self, _cx: &CallContext, _req: VolumeStampReq) -> Result<VolumeStamp, FsError> {
+        Ok(VolumeStamp { volume: self.volume_id, stamp: self.stamp() })
+    }
+
+    async fn reintegrate(&self, cx: &CallContext, req: ReintegrateReq) -> Result<ReintegrateReply, FsError> {
+        if req.records.len() > 100_000 {
+            return Err(FsError::Invalid("reintegration batch too large".into()));
+        }
+        let mut results = Vec::with_capacity(req.records.len());
+        for (seq, record) in req.records {
+            let sub = CallContext { xid: Xid { client: cx.client(), seq }, conn: cx.conn };
+            results.push(self.reintegrate_one(&sub, record).await);
+        }
+        Ok(ReintegrateReply { results })
+    }
+}
+
+impl Volume {
+    async fn unlink_common(
+        &self,
+        cx: &CallContext,
+        dir: Fid,
+        name: String,
+        base: Option<VersionVector>,
+        want_dir: bool,
+    ) -> Result<DirChanged, FsError> {
+        validate_name(&name)?;
+        if self.hidden(dir, &name) {
+            return Err(FsError::Access);
+        }
+        let mut want = vec![dir];
+        for _ in 0..8 {
+            let _g = self.lock(&want).await;
+            let (d, dpath) = self.open_dir(dir)?;
+            let (fid, obj, st) = self.resolve_locked(&d, dir, &name)?.ok_or(FsError::NotFound)?;
+            if !Volume::covered(&want, &[fid]) {
+                want.push(fid);
+                continue;
+            }
+            let obj = self.notice_external(fid, obj, &st, true).await?;
+            match (want_dir, obj.kind == FileKind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => {
+                    let (dd, _) = self.open_dir(fid)?;
+                    if !dd.list()?.is_empty() {
+                        return Err(FsError::NotEmpty);
+                    }
+                }
+                _ => {}
+            }
+            check_base(self, fid, &obj, &st, base.as_ref())?;
+            let (dobj, dst) = self.current(dir, true).await?;
+            let now = Timestamp::now();
+            let new_dir = bumped(&dobj, cx.client());
+            let mut rest = obj.clone();
+            rest.names.retain(|(p, n)| !(*p == dir && *n == name));
+            let mut plan = Plan {
+                objects: vec![(dir, Some(new_dir.clone()))],
+                dirents: vec![(dir, name.clone(), None)],
+                intent: Some(Intent::Remove { dir: dpath.names().to_vec(), name: name.clone(), is_dir: want_dir }),
+                reseen: vec![dir],
+                breaks: vec![dir, fid],
+            };
+            if rest.names.is_empty() {
+                plan.objects.push((fid, None));
+            } else {
+                plan.objects.push((fid, Some(bumped(&rest, cx.client()))));
+                plan.reseen.push(fid);
+            }
+            let reply = DirChanged { dir: dir_after(self, dir, &new_dir, &dst, now) };
+            let (kind, wrapped) =
+                if want_dir { (OpKind::Rmdir, Reply::Rmdir(reply)) } else { (OpKind::Remove, Reply::Remove(reply)) };
+            return match self.execute(&cx.xid, kind, plan, wrapped).await? {
+                Reply::Remove(r) | Reply::Rmdir(r) => Ok(r),
+                _ => unreachable!(),
+            };
+        }
+        Err(FsError::Io("remove kept racing with other changes; try again".into()))
+    }
+}

@@ -1,0 +1,667 @@
+//! The volume: the export directory plus the database that gives its objects
+//! identities and versions.
+//!
+//! Every mutation goes the same way ([`Volume::execute`]):
+//! 1. under the stripe locks of the objects involved, decide the outcome and
+//!    build a [`Plan`]: record changes, the reply, and an [`Intent`] saying
+//!    what to do on disk;
+//! 2. commit the plan, the reply and the intent in one sled transaction and
+//!    flush it (group commit) -- from here the mutation has happened, and a
+//!    retransmission gets the recorded reply;
+//! 3. apply the intent to the export (every intent is idempotent, so startup
+//!    recovery simply applies whatever intents are left);
+//! 4. record what the disk now looks like, drop the intent, break callbacks.
+//!
+//! A crash between 2 and 3 is repaired at the next start; a crash before 2
+//! leaves nothing (staged data sits in the staging area, which is emptied at
+//! start). So a store is atomic and no temporary file is left in the export.
+
+use crate::callbacks::Callbacks;
+use crate::db::{self, db_err, dirent_key, fid_key, reply_key, tx_err, Db, Object, RecordedReply, Seen};
+use crate::export::{self, Dir, Export, RelPath, Stat};
+use crate::handles::Handles;
+use crate::stats::Stats;
+use common::proto::{OpKind, Reply, Xid};
+use common::{Attr, Fid, FileKind, FsError, SetAttr, Timestamp, VersionVector};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, Transactional};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use uuid::Uuid;
+
+const STRIPES: usize = 1024;
+/// Longest parent chain followed when building a path (a loop guard).
+const MAX_DEPTH: usize = 4096;
+
+/// What a new name is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum NewKind {
+    File,
+    Dir,
+    Symlink(String),
+}
+
+/// A change to the export, decided and committed but perhaps not yet made.
+/// Applying one twice has the same effect as applying it once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Intent {
+    Create {
+        dir: Vec<String>,
+        name: String,
+        mode: u32,
+        mtime: Timestamp,
+        what: NewKind,
+    },
+    /// Move a staged file over the target (a store).
+    Install {
+        staging: String,
+        dir: Vec<String>,
+        name: String,
+    },
+    Remove {
+        dir: Vec<String>,
+        name: String,
+        is_dir: bool,
+    },
+    Rename {
+        from_dir: Vec<String>,
+        from: String,
+        to_dir: Vec<String>,
+        to: String,
+    },
+    Link {
+        from_dir: Vec<String>,
+        from: String,
+        dir: Vec<String>,
+        name: String,
+    },
+    SetAttr {
+        path: Vec<String>,
+        set: SetAttr,
+    },
+}
+
+/// The database side of one mutation.
+#[derive(Default)]
+pub struct Plan {
+    pub objects: Vec<(Fid, Option<Object>)>,
+    pub dirents: Vec<(Fid, String, Option<Fid>)>,
+    pub intent: Option<Intent>,
+    /// Objects whose on-disk state to record after applying.
+    pub reseen: Vec<Fid>,
+    /// Objects whose promises to break (the caller's are kept).
+    pub breaks: Vec<Fid>,
+}
+
+pub struct Volume {
+    pub export: Export,
+    pub db: Arc<Db>,
+    /// Names the server in version vectors, for edits made directly in the export.
+    pub server_id: Uuid,
+    pub volume_id: Uuid,
+    pub staging_path: PathBuf,
+    staging: Dir,
+    /// The staging directory's name when it lives inside the export root.
+    pub staging_in_export: Option<String>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    pub callbacks: Callbacks,
+    pub handles: Handles,
+    pub stats: Stats,
+    failpoint: Option<String>,
+}
+
+pub type Guards<'a> = Vec<tokio::sync::MutexGuard<'a, ()>>;
+
+impl Volume {
+    pub fn new(
+        export: Export,
+        db: Arc<Db>,
+        staging_path: PathBuf,
+        staging_in_export: Option<String>,
+    ) -> Result<Volume, FsError> {
+        let server_id = db.meta_uuid(db::META_SERVER)?;
+        let volume_id = db.meta_uuid(db::META_VOLUME)?;
+        let staging = export::open_dir_path(&staging_path)?;
+        Ok(Volume {
+            export,
+            callbacks: Callbacks::new(db.clone()),
+            handles: Handles::new(staging_path.clone()),
+            db,
+            server_id,
+            volume_id,
+            staging_path,
+            staging,
+            staging_in_export,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stats: Stats::default(),
+            failpoint: std::env::var("AFSD_FAILPOINT").ok(),
+        })
+    }
+
+    /// Makes sure the root object exists.
+    pub fn init_root(&self) -> Result<(), FsError> {
+        if self.db.object(Fid::ROOT)?.is_none() {
+            let st = self.export.lstat(&RelPath::root())?;
+            let obj = Object { kind: FileKind::Dir, names: vec![], version: VersionVector::new(), seen: (&st).into() };
+            self.db.objects.insert(fid_key(Fid::ROOT), db::encode(&obj)).map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    // ---- locking --------------------------------------------------------------
+
+    /// Locks the stripes of these fids in a fixed order (so two operations
+    /// never wait on each other in a cycle).
+    pub async fn lock(&self, fids: &[Fid]) -> Guards<'_> {
+        let mut idx: Vec<usize> = fids.iter().map(|f| (f.0 as usize) % STRIPES).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
+
+    pub fn covered(fids: &[Fid], more: &[Fid]) -> bool {
+        let set: Vec<usize> = fids.iter().map(|f| (f.0 as usize) % STRIPES).collect();
+        more.iter().all(|f| set.contains(&((f.0 as usize) % STRIPES)))
+    }
+
+    // ---- records and paths -------------------------------------------------------
+
+    pub fn object(&self, fid: Fid) -> Result<Object, FsError> {
+        self.db.object(fid)?.ok_or(FsError::Stale)
+    }
+
+    /// The path of an object, from its first name up to the root.
+    pub fn path_of(&self, fid: Fid) -> Result<RelPath, FsError> {
+        let mut names = Vec::new();
+        let mut cur = fid;
+        for _ in 0..MAX_DEPTH {
+            if cur == Fid::ROOT {
+                names.reverse();
+                return RelPath::from_names(names);
+            }
+            let obj = self.object(cur)?;
+            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+            names.push(name);
+            cur = parent;
+        }
+        Err(FsError::Loop)
+    }
+
+    /// Opens directory `fid`, checking that what is at its path really is
+    /// that directory (a concurrent rename of an ancestor could otherwise
+    /// point the path at another one).
+    pub fn open_dir(&self, fid: Fid) -> Result<(Dir, RelPath), FsError> {
+        let mut last = FsError::Stale;
+        for attempt in 0..5 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2 << attempt));
+            }
+            let obj = self.object(fid)?;
+            if obj.kind != FileKind::Dir {
+                return Err(FsError::NotDir);
+            }
+            let path = self.path_of(fid)?;
+            match self.export.dir(&path) {
+                Ok(d) => {
+                    let st = d.fstat()?;
+                    if st.ino == obj.seen.ino || obj.seen.ino == 0 {
+                        return Ok((d, path));
+                    }
+                    last = FsError::Stale;
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    pub fn attr(&self, fid: Fid, obj: &Object, st: &Stat) -> Attr {
+        Attr {
+            fid,
+            kind: obj.kind,
+            size: st.size,
+            mode: st.mode & 0o7777,
+            nlink: st.nlink,
+            uid: st.uid,
+            gid: st.gid,
+            atime: st.atime,
+            mtime: st.mtime,
+            ctime: st.ctime,
+            version: obj.version.clone(),
+        }
+    }
+
+    pub fn kind_of(st: &Stat) -> Option<FileKind> {
+        if st.is_file() {
+            Some(FileKind::File)
+        } else if st.is_dir() {
+            Some(FileKind::Dir)
+        } else if st.is_symlink() {
+            Some(FileKind::Symlink)
+        } else {
+            None
+        }
+    }
+
+    /// Current on-disk state of `fid`.
+    pub fn stat_of(&self, fid: Fid) -> Result<Stat, FsError> {
+        if fid == Fid::ROOT {
+            return self.export.lstat(&RelPath::root());
+        }
+        let obj = self.object(fid)?;
+        let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+        let (dir, _) = self.open_dir(parent)?;
+        dir.lstat(&name).map_err(|e| if e == FsError::NotFound { FsError::Stale } else { e })
+    }
+
+    /// Whether `name` should be hidden (the staging area inside the export).
+    pub fn hidden(&self, dir: Fid, name: &str) -> bool {
+        dir == Fid::ROOT && self.staging_in_export.as_deref() == Some(name)
+    }
+
+    /// The object named `name` in `dir`, as it is on disk now. Objects that
+    /// appeared behind the server's back get a fid here; objects changed
+    /// behind its back get a new version.
+    pub async fn resolve(&self, dir: Fid, name: &str) -> Result<(Fid, Object, Stat), FsError> {
+        common::error::validate_name(name)?;
+        if self.hidden(dir, name) {
+            return Err(FsError::NotFound);
+        }
+        let (d, _) = self.open_dir(dir)?;
+        let st = d.lstat(name)?;
+        let kind = Self::kind_of(&st).ok_or_else(|| FsError::NotSupported("special file".into()))?;
+        let fid = match self.db.dirent(dir, name)? {
+            Some(fid) => match self.db.object(fid)? {
+                Some(o) if o.kind == kind => fid,
+                _ => self.adopt(dir, name, kind, &st)?,
+            },
+            None => self.adopt(dir, name, kind, &st)?,
+        };
+        let obj = self.object(fid)?;
+        let obj = self.notice_external(fid, obj, &st, false).await?;
+        Ok((fid, obj, st))
+    }
+
+    /// Like [`Volume::resolve`], for a caller that holds the directory's
+    /// stripe and an open `dir`; `None` when the name does not exist.
+    pub fn resolve_locked(&self, dir: &Dir, dir_fid: Fid, name: &str) -> Result<Option<(Fid, Object, Stat)>, FsError> {
+        if self.hidden(dir_fid, name) {
+            return Ok(None);
+        }
+        let st = match dir.lstat(name) {
+            Ok(st) => st,
+            Err(FsError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let kind = Self::kind_of(&st).ok_or_else(|| FsError::NotSupported("special file".into()))?;
+        let fid = match self.db.dirent(dir_fid, name)? {
+            Some(fid) => match self.db.object(fid)? {
+                Some(o) if o.kind == kind => fid,
+                _ => self.adopt(dir_fid, name, kind, &st)?,
+            },
+            None => self.adopt(dir_fid, name, kind, &st)?,
+        };
+        let obj = self.object(fid)?;
+        Ok(Some((fid, obj, st)))
+    }
+
+    /// Gives an object found on disk a fid (or re-points a name whose
+    /// object changed kind). Safe to race: the transaction re-checks.
+    fn adopt(&self, dir: Fid, name: &str, kind: FileKind, st: &Stat) -> Result<Fid, FsError> {
+        let fresh = Fid(self.db.db.generate_id().map_err(db_err)? + 2);
+        let key = dirent_key(dir, name);
+        let new_obj = Object {
+            kind,
+            names: vec![(dir, name.to_string())],
+            version: {
+                let mut v = VersionVector::new();
+                v.increment(self.server_id);
+                v
+            },
+            seen: st.into(),
+        };
+        let db = &self.db;
+        let fid = (&db.objects, &db.dirents, &db.meta)
+            .transaction(|(objects, dirents, meta)| {
+                if let Some(v) = dirents.get(&key)? {
+                    let old = Fid(db::be_u64(&v));
+                    if let Some(o) = objects.get(fid_key(old))? {
+                        let o: Object = db::decode(&o).map_err(ConflictableTransactionError::Abort)?;
+                        if o.kind == kind {
+                            return Ok(old);
+                        }
+                        let mut o = o;
+                        o.names.retain(|(p, n)| !(*p == dir && n == name));
+                        if o.names.is_empty() {
+                            objects.remove(&fid_key(old))?;
+                        } else {
+                            objects.insert(&fid_key(old), db::encode(&o))?;
+                        }
+                    }
+                }
+                objects.insert(&fid_key(fresh), db::encode(&new_obj))?;
+                dirents.insert(key.as_slice(), &fresh.0.to_be_bytes())?;
+                bump_stamp(meta)?;
+                Ok(fresh)
+            })
+            .map_err(tx_err)?;
+        if fid == fresh {
+            tracing::info!(%fid, name, "adopted an object created directly in the export");
+        }
+        Ok(fid)
+    }
+
+    /// Compares a fresh `lstat` with what the server last recorded; a
+    /// difference is an edit made behind the server's back: the object gets
+    /// a new version and its promises are broken. `held` is true when the
+    /// caller already holds the object's stripe.
+    pub async fn notice_external(&self, fid: Fid, obj: Object, st: &Stat, held: bool) -> Result<Object, FsError> {
+        if Seen::from(st) == obj.seen {
+            return Ok(obj);
+        }
+        let _guard = if held { None } else { Some(self.lock(&[fid]).await) };
+        // Re-read under the lock: a mutation may have just recorded it.
+        let obj = self.object(fid)?;
+        let st = match self.stat_of(fid) {
+            Ok(s) => s,
+            Err(_) => *st,
+        };
+        if Seen::from(&st) == obj.seen {
+            return Ok(obj);
+        }
+        let mut obj = obj;
+        obj.version.increment(self.server_id);
+        obj.seen = (&st).into();
+        let encoded = db::encode(&obj);
+        (&self.db.objects, &self.db.meta)
+            .transaction(|(objects, meta)| {
+                objects.insert(&fid_key(fid), encoded.clone())?;
+                bump_stamp(meta)?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        tracing::info!(%fid, version = %obj.version, "object changed directly in the export");
+        self.callbacks.break_fids(&[fid], None).await;
+        Ok(obj)
+    }
+
+    // ---- executing mutations --------------------------------------------------------
+
+    /// Commits a plan with its reply, applies its intent, and breaks
+    /// callbacks. The caller holds the stripes of every object in the plan.
+    pub async fn execute(&self, xid: &Xid, kind: OpKind, plan: Plan, reply: Reply) -> Result<Reply, FsError> {
+        let before: Vec<(Fid, Option<Object>)> =
+            plan.objects.iter().map(|(f, _)| Ok((*f, self.db.object(*f)?))).collect::<Result<_, FsError>>()?;
+        let before_dirents: Vec<(Fid, String, Option<Fid>)> = plan
+            .dirents
+            .iter()
+            .map(|(d, n, _)| Ok((*d, n.clone(), self.db.dirent(*d, n)?)))
+            .collect::<Result<_, FsError>>()?;
+        let recorded: RecordedReply = Ok(reply.clone());
+        let intent_id = self.commit(xid, &plan.objects, &plan.dirents, plan.intent.as_ref(), &recorded)?;
+        self.db.sync(self.db.ticket()).await?;
+        self.failpoint("crash-after-commit", kind);
+        if let Some(intent) = &plan.intent {
+            if let Err(e) = tokio::task::block_in_place(|| self.apply(intent)) {
+                tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");
+                self.commit(xid, &before, &before_dirents, None, &Err(e.clone()))?;
+                self.drop_intent(intent_id);
+                self.db.sync(self.db.ticket()).await?;
+                return Err(e);
+            }
+        }
+        self.reseen(&plan.reseen);
+        self.drop_intent(intent_id);
+        if !plan.breaks.is_empty() {
+            self.callbacks.break_fids(&plan.breaks, Some(xid.client)).await;
+        }
+        Ok(reply)
+    }
+
+    fn drop_intent(&self, id: Option<u64>) {
+        if let Some(id) = id {
+            // Not flushed: if this is lost, recovery re-applies an
+            // idempotent intent, which changes nothing.
+            let _ = self.db.intents.remove(id.to_be_bytes());
+        }
+    }
+
+    fn failpoint(&self, at: &str, kind: OpKind) {
+        if let Some(fp) = &self.failpoint {
+            if fp.strip_prefix(at).and_then(|r| r.strip_prefix(':')) == Some(kind.name()) {
+                tracing::error!("failpoint {fp}: aborting");
+                std::process::abort();
+            }
+        }
+    }
+
+    pub fn before_reply(&self, kind: OpKind) {
+        self.failpoint("crash-before-reply", kind);
+    }
+
+    fn commit(
+        &self,
+        xid: &Xid,
+        objects: &[(Fid, Option<Object>)],
+        dirents: &[(Fid, String, Option<Fid>)],
+        intent: Option<&Intent>,
+        reply: &RecordedReply,
+    ) -> Result<Option<u64>, FsError> {
+        let intent_id = match intent {
+            Some(_) => Some(self.db.db.generate_id().map_err(db_err)?),
+            None => None,
+        };
+        let objs: Vec<([u8; 8], Option<Vec<u8>>)> =
+            objects.iter().map(|(f, o)| (fid_key(*f), o.as_ref().map(db::encode))).collect();
+        let ents: Vec<(Vec<u8>, Option<[u8; 8]>)> =
+            dirents.iter().map(|(d, n, f)| (dirent_key(*d, n), f.map(|f| f.0.to_be_bytes()))).collect();
+        let reply_bytes = db::encode(reply);
+        let intent_bytes = intent.map(db::encode);
+        let db = &self.db;
+        (&db.objects, &db.dirents, &db.replies, &db.intents, &db.meta)
+            .transaction(|(t_obj, t_ent, t_rep, t_int, t_meta)| {
+                for (k, v) in &objs {
+                    match v {
+                        Some(v) => t_obj.insert(k, v.as_slice())?,
+                        None => t_obj.remove(k)?,
+                    };
+                }
+                for (k, v) in &ents {
+                    match v {
+                        Some(v) => t_ent.insert(k.as_slice(), v)?,
+                        None => t_ent.remove(k.as_slice())?,
+                    };
+                }
+                t_rep.insert(reply_key(xid.client, xid.seq), reply_bytes.as_slice())?;
+                if let (Some(id), Some(b)) = (intent_id, &intent_bytes) {
+                    t_int.insert(&id.to_be_bytes(), b.as_slice())?;
+                }
+                bump_stamp(t_meta)?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        Ok(intent_id)
+    }
+
+    /// Records the on-disk state of objects just changed by the server itself.
+    fn reseen(&self, fids: &[Fid]) {
+        for &fid in fids {
+            let Ok(Some(mut obj)) = self.db.object(fid) else { continue };
+            let Ok(st) = self.stat_of(fid) else { continue };
+            obj.seen = (&st).into();
+            let _ = self.db.objects.insert(fid_key(fid), db::encode(&obj));
+        }
+    }
+
+    /// Makes the export match an intent. Idempotent.
+    pub fn apply(&self, intent: &Intent) -> Result<(), FsError> {
+        let rel = |v: &Vec<String>| RelPath::from_names(v.clone());
+        match intent {
+            Intent::Create { dir, name, mode, mtime, what } => {
+                let d = self.export.dir(&rel(dir)?)?;
+                match what {
+                    NewKind::File => {
+                        let f = d.open(name, libc::O_CREAT | libc::O_WRONLY, *mode)?;
+                        f.set_permissions(std::fs::Permissions::from_mode(*mode))?;
+                        f.set_modified((*mtime).into())?;
+                    }
+                    NewKind::Dir => {
+                        match d.mkdir(name, *mode) {
+                            Ok(()) | Err(FsError::Exists) => {}
+                            Err(e) => return Err(e),
+                        }
+                        d.set_times(name, Some(*mtime), Some(*mtime))?;
+                    }
+                    NewKind::Symlink(target) => match d.symlink(target, name) {
+                        Ok(()) | Err(FsError::Exists) => {}
+                        Err(e) => return Err(e),
+                    },
+                }
+                d.sync()
+            }
+            Intent::Install { staging, dir, name } => {
+                let d = self.export.dir(&rel(dir)?)?;
+                match d.rename_from(&self.staging, staging, name, false) {
+                    Ok(()) => d.sync(),
+                    // Already installed before a crash.
+                    Err(FsError::NotFound) if self.staging.lstat(staging).is_err() => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Intent::Remove { dir, name, is_dir } => {
+                let d = self.export.dir(&rel(dir)?)?;
+                let r = if *is_dir { d.rmdir(name) } else { d.unlink(name) };
+                match r {
+                    Ok(()) | Err(FsError::NotFound) => d.sync(),
+                    Err(e) => Err(e),
+                }
+            }
+            Intent::Rename { from_dir, from, to_dir, to } => {
+                let fd = self.export.dir(&rel(from_dir)?)?;
+                let td = self.export.dir(&rel(to_dir)?)?;
+                match td.rename_from(&fd, from, to, false) {
+                    Ok(()) => {}
+                    Err(FsError::NotFound) if td.lstat(to).is_ok() => {}
+                    Err(e) => return Err(e),
+                }
+                td.sync()?;
+                fd.sync()
+            }
+            Intent::Link { from_dir, from, dir, name } => {
+                let fd = self.export.dir(&rel(from_dir)?)?;
+                let d = self.export.dir(&rel(dir)?)?;
+                match d.link_from(&fd, from, name) {
+                    Ok(()) | Err(FsError::Exists) => d.sync(),
+                    Err(e) => Err(e),
+                }
+            }
+            Intent::SetAttr { path, set } => self.apply_setattr(&rel(path)?, set),
+        }
+    }
+
+    fn apply_setattr(&self, path: &RelPath, set: &SetAttr) -> Result<(), FsError> {
+        let st = self.export.lstat(path)?;
+        if st.is_symlink() {
+            let (parent, name) = path.split_last().ok_or(FsError::Invalid("root is not a symlink".into()))?;
+            let d = self.export.dir(&parent)?;
+            if set.uid.is_some() || set.gid.is_some() {
+                d.chown(name, set.uid, set.gid)?;
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                d.set_times(name, set.atime, set.mtime)?;
+            }
+            return Ok(());
+        }
+        let flags = if st.is_dir() {
+            libc::O_RDONLY | libc::O_DIRECTORY
+        } else if set.size.is_some() {
+            libc::O_WRONLY
+        } else {
+            libc::O_RDONLY
+        };
+        let f = self.export.open_file(path, flags)?;
+        if let Some(size) = set.size {
+            if st.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            f.set_len(size)?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            std::os::unix::fs::fchown(&f, set.uid, set.gid)?;
+        }
+        if let Some(mode) = set.mode {
+            f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let mut times = std::fs::FileTimes::new();
+            if let Some(a) = set.atime {
+                times = times.set_accessed(a.into());
+            }
+            if let Some(m) = set.mtime {
+                times = times.set_modified(m.into());
+            }
+            f.set_times(times)?;
+        }
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Re-applies intents left by a crash. Run once at start, before serving.
+    pub fn recover(&self) -> Result<usize, FsError> {
+        let mut n = 0;
+        for item in self.db.intents.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            let intent: Intent = db::decode(&v)?;
+            match self.apply(&intent) {
+                Ok(()) => tracing::info!(?intent, "re-applied a change interrupted by a crash"),
+                Err(e) => tracing::error!(?intent, "could not re-apply an interrupted change: {e}"),
+            }
+            self.db.intents.remove(k).map_err(db_err)?;
+            n += 1;
+        }
+        self.db.db.flush().map_err(db_err)?;
+        Ok(n)
+    }
+
+    /// Empties the staging area (stores that never committed).
+    pub fn clear_staging(&self) -> Result<usize, FsError> {
+        let mut n = 0;
+        for name in self.staging.list()? {
+            if name.starts_with("stage-") {
+                self.staging.unlink(&name)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// A new, empty staging file: (name, file).
+    pub fn new_staging_file(&self) -> Result<(String, std::fs::File), FsError> {
+        let name = format!("stage-{}", Uuid::new_v4().simple());
+        let f = self.staging.open(&name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600)?;
+        Ok((name, f))
+    }
+
+    pub fn stamp(&self) -> u64 {
+        self.db.meta_u64(db::META_STAMP)
+    }
+
+    pub fn new_fid(&self) -> Result<Fid, FsError> {
+        Ok(Fid(self.db.db.generate_id().map_err(db_err)? + 2))
+    }
+
+    pub fn recorded_reply(&self, xid: &Xid) -> Option<RecordedReply> {
+        self.db.recorded_reply(xid.client, xid.seq)
+    }
+}
+
+fn bump_stamp(meta: &sled::transaction::TransactionalTree) -> Result<(), ConflictableTransactionError<FsError>> {
+    let cur = meta.get(db::META_STAMP)?.map(|v| db::be_u64(&v)).unwrap_or(0);
+    meta.insert(db::META_STAMP, &(cur + 1).to_be_bytes())?;
+    Ok(())
+}

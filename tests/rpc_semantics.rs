@@ -1,0 +1,213 @@
+//! The RPC layer's failure semantics, against the real afsd: at-most-once
+//! execution under lost replies and server crashes, authentication and
+//! version refusal, and multiplexing on one connection.
+
+use crate::support::proxy::Proxy;
+use crate::support::{Afsd, TestDir};
+use common::auth::{random_bytes, Key};
+use common::frame::{self, Hello, Message, MAGIC, PROTOCOL_VERSION};
+use common::proto::*;
+use common::rpc::{fetch_to_file, Client, ClientConfig, RpcError};
+use common::{Fid, FsError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+fn create(name: &str) -> CreateReq {
+    CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: true }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_replies_are_retried_and_mutations_run_once() {
+    let dir = TestDir::new("dropped-reply");
+    let afsd = Afsd::start(dir.path());
+    let proxy = Proxy::start(afsd.addr.clone()).await;
+    let mut cfg = afsd.client_config();
+    cfg.addr = proxy.addr.to_string();
+    cfg.attempt_timeout = Duration::from_millis(300);
+    let client = Client::connect(cfg).await.unwrap();
+
+    // Exclusive create: a second execution would answer "exists".
+    proxy.drop_next_replies(1);
+    let made = client.create(create("once")).await.expect("retried create succeeds");
+    assert_eq!(proxy.dropped.load(std::sync::atomic::Ordering::SeqCst), 1, "the first reply was dropped");
+    assert!(afsd.rpcs("create") >= 2, "the create was retransmitted");
+    assert!(afsd.export.join("once").is_file());
+
+    // Rename: a second execution would fail with "not found".
+    proxy.drop_next_replies(2);
+    let r = client
+        .rename(RenameReq {
+            from_dir: Fid::ROOT,
+            from_name: "once".into(),
+            to_dir: Fid::ROOT,
+            to_name: "renamed".into(),
+            no_replace: false,
+        })
+        .await
+        .expect("retried rename succeeds");
+    assert_eq!(r.moved.fid, made.attr.fid, "fids survive renames");
+    assert!(afsd.rpcs("rename") >= 3);
+    assert!(!afsd.export.join("once").exists() && afsd.export.join("renamed").is_file());
+
+    // And the connection carries on with fresh requests.
+    let e = client.create(create("renamed")).await.unwrap_err();
+    assert!(matches!(e, RpcError::Fs(FsError::Exists)), "{e:?}");
+}
+
+/// afsd dies after executing a mutation and before replying (a failpoint
+/// aborts it there); the client's retransmission to the restarted server gets
+/// the recorded reply instead of a second execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_crash_before_reply_does_not_run_a_mutation_twice() {
+    for failpoint in ["crash-before-reply", "crash-after-commit"] {
+        let dir = TestDir::new("crash-before-reply");
+        let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", &format!("{failpoint}:create"))]);
+        let client = afsd.client().await;
+        let c = client.clone();
+        let call = tokio::spawn(async move { c.create(create("lockfile")).await });
+        assert!(afsd.wait_exit(Duration::from_secs(10)), "{failpoint}: afsd should abort at the failpoint");
+        afsd.set_env(&[]);
+        afsd.restart();
+        let reply = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+        let made = reply.unwrap_or_else(|e| panic!("{failpoint}: the retried create must succeed, got {e}"));
+        assert!(afsd.export.join("lockfile").is_file(), "{failpoint}: the file exists after recovery");
+        let again = client.create(create("lockfile")).await.unwrap_err();
+        assert!(matches!(again, RpcError::Fs(FsError::Exists)), "{failpoint}: {again:?}");
+        let found = client.lookup(LookupReq { dir: Fid::ROOT, name: "lockfile".into() }).await.unwrap();
+        assert_eq!(found.attr.fid, made.attr.fid, "{failpoint}: one object, one fid");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_key_wrong_version_and_no_key_are_refused() {
+    let dir = TestDir::new("auth");
+    let afsd = Afsd::start(dir.path());
+    let good = afsd.client().await;
+
+    let mut bad = afsd.client_config();
+    bad.key = Key::random();
+    let err = Client::connect(bad).await.err().expect("a wrong key is refused");
+    match err {
+        RpcError::Refused(m) => assert!(m.contains("authentication failed"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Another protocol version: the server names both versions.
+    let mut s = TcpStream::connect(&afsd.addr).await.unwrap();
+    let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION + 98, client: Uuid::new_v4(), nonce: vec![0; 32] };
+    frame::write_message(&mut s, &hello).await.unwrap();
+    match frame::read_message::<_, Message>(&mut s).await.unwrap() {
+        Message::Refused { reason } => {
+            assert!(reason.contains(&format!("protocol version {}", PROTOCOL_VERSION + 98)), "{reason}");
+            assert!(reason.contains(&format!("speaks version {PROTOCOL_VERSION}")), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // No key: a client that cannot answer the challenge.
+    let mut s = TcpStream::connect(&afsd.addr).await.unwrap();
+    let hello =
+        Hello { magic: MAGIC, version: PROTOCOL_VERSION, client: Uuid::new_v4(), nonce: random_bytes::<32>().to_vec() };
+    frame::write_message(&mut s, &hello).await.unwrap();
+    assert!(matches!(frame::read_message::<_, Message>(&mut s).await.unwrap(), Message::Challenge { .. }));
+    frame::write_message(&mut s, &Message::Proof { mac: vec![] }).await.unwrap();
+    assert!(matches!(frame::read_message::<_, Message>(&mut s).await.unwrap(), Message::Refused { .. }));
+
+    // Skipping the handshake altogether is refused too.
+    let mut s = TcpStream::connect(&afsd.addr).await.unwrap();
+    frame::write_message(&mut s, &Message::Ping).await.unwrap();
+    assert!(matches!(frame::read_message::<_, Message>(&mut s).await, Ok(Message::Refused { .. }) | Err(_)));
+
+    // Garbage and an oversize frame header: refused, server unharmed.
+    let mut s = TcpStream::connect(&afsd.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+    let _ = frame::read_message::<_, Message>(&mut s).await;
+
+    // Meanwhile the good client keeps working.
+    good.getattr(GetAttrReq { fid: Fid::ROOT }).await.expect("good client still served");
+    good.create(create("still-works")).await.unwrap();
+}
+
+/// 32 small requests in flight on one connection while a 256 MiB fetch
+/// streams: the small ones are not queued behind the bulk data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_requests_overtake_a_large_transfer() {
+    let dir = TestDir::new("multiplex");
+    let afsd = Afsd::start(dir.path());
+    let size = 256usize << 20;
+    let mut data = vec![0u8; size];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(afsd.export.join("big"), &data).unwrap();
+    let client = afsd.client().await;
+    let big = client.lookup(LookupReq { dir: Fid::ROOT, name: "big".into() }).await.unwrap().attr.fid;
+    for i in 0..32 {
+        client.create(create(&format!("small{i}"))).await.unwrap();
+    }
+
+    let dest = Arc::new(tempfile_in(dir.path()));
+    let (c, d) = (client.clone(), dest.clone());
+    let start = Instant::now();
+    let fetch = tokio::spawn(async move {
+        let r = fetch_to_file(&c, big, d).await;
+        (r, start.elapsed())
+    });
+    // Let the transfer get going, then fire 32 small requests at once, a few times.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut worst = Duration::ZERO;
+    let mut rounds = 0;
+    while !fetch.is_finished() && rounds < 20 {
+        let t = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..32 {
+            let c = client.clone();
+            set.spawn(async move { c.lookup(LookupReq { dir: Fid::ROOT, name: format!("small{i}") }).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        worst = worst.max(t.elapsed());
+        rounds += 1;
+    }
+    let (r, total) = fetch.await.unwrap();
+    r.unwrap();
+    assert!(rounds >= 1, "the fetch ended before any small request could be measured ({total:?})");
+    eprintln!(
+        "256 MiB fetch took {total:?}; worst round of 32 small requests during it: {worst:?} over {rounds} rounds"
+    );
+    assert!(worst * 4 < total, "small requests took {worst:?} while the whole fetch took {total:?}");
+    assert_eq!(std::fs::read(dest_path(dir.path())).unwrap(), data, "fetched content matches");
+}
+
+fn dest_path(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("fetched")
+}
+
+fn tempfile_in(dir: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dest_path(dir)).unwrap()
+}
+
+/// Cumulative acks let the server drop recorded replies, and a duplicate
+/// of an acknowledged request is ignored rather than run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_replies_are_discarded() {
+    let dir = TestDir::new("acks");
+    let afsd = Afsd::start(dir.path());
+    let client = afsd.client().await;
+    for i in 0..50 {
+        client.create(create(&format!("f{i}"))).await.unwrap();
+    }
+    // Each call acknowledges everything before it; one more call acks the last.
+    client.getattr(GetAttrReq { fid: Fid::ROOT }).await.unwrap();
+    let held = afsd.stats()["reply_cache"].as_u64().unwrap();
+    assert!(held <= 1, "acknowledged replies are dropped from the durable cache, {held} left");
+    let cfg: ClientConfig = client.config().clone();
+    let replay = Client::connect(cfg).await.unwrap();
+    // Seq 1 (the first create) was acknowledged, so the server no longer holds
+    // its reply: resending it runs nothing and is not answered from a cache.
+    let r = tokio::time::timeout(Duration::from_secs(3), replay.call_with_seq(1, Request::Create(create("f0")))).await;
+    assert!(r.is_err(), "an acknowledged duplicate is ignored, not answered: {r:?}");
+}

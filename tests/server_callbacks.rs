@@ -1,0 +1,195 @@
+//! Callback promises and breaks, between clients of the real afsd.
+
+use crate::support::{Afsd, TestDir};
+use common::proto::*;
+use common::rpc::{Client, ClientEvent};
+use common::{Fid, FsError, VersionVector};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+async fn lookup(c: &Client, name: &str) -> EntryReply {
+    c.lookup(LookupReq { dir: Fid::ROOT, name: name.into() }).await.unwrap()
+}
+
+async fn store(c: &Client, fid: Fid, base: VersionVector, data: &[u8]) -> Result<EntryReply, common::rpc::RpcError> {
+    c.store(StoreReq {
+        fid,
+        base,
+        size: data.len() as u64,
+        data: StoreData::Inline(data.to_vec()),
+        mtime: None,
+        mode: None,
+    })
+    .await
+}
+
+/// Waits for a break naming `fid` (or a BreakAll); returns how long it took.
+async fn expect_break(events: &mut UnboundedReceiver<ClientEvent>, fid: Fid, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let left = limit.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("no break for {fid} within {limit:?}"));
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Some(ClientEvent::Push(Push::Break { fids }))) if fids.contains(&fid) => return start.elapsed(),
+            Ok(Some(ClientEvent::Push(Push::BreakAll))) => return start.elapsed(),
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("event stream ended"),
+            Err(_) => panic!("no break for {fid} within {limit:?}"),
+        }
+    }
+}
+
+async fn no_break(events: &mut UnboundedReceiver<ClientEvent>, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline.into(), events.recv()).await {
+        assert!(!matches!(ev, ClientEvent::Push(_)), "unexpected push {ev:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_breaks_other_holders_at_once() {
+    let dir = TestDir::new("break");
+    std::fs::create_dir_all(dir.path().join("export")).unwrap();
+    std::fs::write(dir.path().join("export/f"), "v1").unwrap();
+    let afsd = Afsd::start(dir.path());
+    let (a, b) = (afsd.client().await, afsd.client().await);
+    let mut a_events = a.events();
+    let fid = lookup(&a, "f").await.attr.fid;
+    let fetched = a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
+    assert_eq!(fetched.data, b"v1");
+    assert!(fetched.promise.is_some(), "a fetch comes with a promise");
+
+    let base = lookup(&b, "f").await.attr.version;
+    let t = Instant::now();
+    let stored = store(&b, fid, base.clone(), b"v2").await.unwrap();
+    let took = expect_break(&mut a_events, fid, Duration::from_secs(2)).await;
+    eprintln!("break reached A {:?} after B's store returned ({:?} after it was sent)", took, t.elapsed());
+    assert!(stored.attr.version.descends_from(&base) && stored.attr.version != base);
+    assert_eq!(a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap().data, b"v2");
+
+    // A store based on the old version is a conflict, not a silent overwrite.
+    let err = store(&a, fid, base, b"stale").await.unwrap_err();
+    assert!(matches!(err, common::rpc::RpcError::Fs(FsError::Conflict(_))), "{err:?}");
+    assert_eq!(std::fs::read(afsd.export.join("f")).unwrap(), b"v2");
+    assert!(afsd.stats()["breaks_sent"].as_u64().unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn promises_survive_a_server_restart() {
+    let dir = TestDir::new("restart-promise");
+    std::fs::create_dir_all(dir.path().join("export")).unwrap();
+    std::fs::write(dir.path().join("export/f"), "v1").unwrap();
+    let mut afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let mut a_events = a.events();
+    let fid = lookup(&a, "f").await.attr.fid;
+    a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
+    let held = afsd.stats()["callbacks"].as_u64().unwrap();
+    assert!(held >= 1);
+
+    afsd.stop();
+    afsd.restart();
+    assert_eq!(afsd.stats()["callbacks"].as_u64().unwrap(), held, "promises are persisted");
+    // A reconnects (any call does it) and holds on to its promise.
+    a.getattr(GetAttrReq { fid: Fid::ROOT }).await.unwrap();
+    let b = afsd.client().await;
+    let base = lookup(&b, "f").await.attr.version;
+    store(&b, fid, base, b"v2").await.unwrap();
+    expect_break(&mut a_events, fid, Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_in_the_export_breaks_promises() {
+    let dir = TestDir::new("direct-edit");
+    std::fs::create_dir_all(dir.path().join("export/sub")).unwrap();
+    std::fs::write(dir.path().join("export/sub/f"), "v1").unwrap();
+    let afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let mut a_events = a.events();
+    let sub = lookup(&a, "sub").await.attr.fid;
+    let f = a.lookup(LookupReq { dir: sub, name: "f".into() }).await.unwrap();
+    a.fetch(FetchReq { fid: f.attr.fid, inline_max: 1 << 20 }).await.unwrap();
+    a.readdir(ReadDirReq { dir: sub }).await.unwrap();
+
+    std::fs::write(afsd.export.join("sub/f"), "edited by an admin").unwrap();
+    let took = expect_break(&mut a_events, f.attr.fid, Duration::from_secs(3)).await;
+    eprintln!("direct edit noticed after {took:?}");
+    let again = a.fetch(FetchReq { fid: f.attr.fid, inline_max: 1 << 20 }).await.unwrap();
+    assert_eq!(again.data, b"edited by an admin");
+    assert_eq!(again.attr.fid, f.attr.fid, "an edit keeps the fid");
+    assert_ne!(again.attr.version, f.attr.version, "and gives a new version");
+
+    // A new file appearing in a cached directory breaks the directory.
+    std::fs::write(afsd.export.join("sub/new"), "hi").unwrap();
+    expect_break(&mut a_events, sub, Duration::from_secs(3)).await;
+    let listing = a.readdir(ReadDirReq { dir: sub }).await.unwrap();
+    assert!(listing.entries.iter().any(|e| e.name == "new"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_away_at_break_time_learns_on_reconnect() {
+    let dir = TestDir::new("away");
+    std::fs::create_dir_all(dir.path().join("export")).unwrap();
+    std::fs::write(dir.path().join("export/f"), "v1").unwrap();
+    let afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let fid = lookup(&a, "f").await.attr.fid;
+    a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
+    a.disconnect().await;
+    assert!(crate::support::eventually(Duration::from_secs(5), || afsd.stats()["clients"].as_u64() == Some(0)));
+
+    let b = afsd.client().await;
+    let base = lookup(&b, "f").await.attr.version;
+    store(&b, fid, base, b"v2").await.unwrap();
+
+    let mut a_events = a.events();
+    a.ensure_connected().await.unwrap();
+    expect_break(&mut a_events, fid, Duration::from_secs(2)).await;
+    // Delivered once: a second reconnect brings no further break.
+    a.disconnect().await;
+    a.ensure_connected().await.unwrap();
+    no_break(&mut a_events, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_makes_returning_clients_revalidate() {
+    let dir = TestDir::new("crash-breakall");
+    std::fs::create_dir_all(dir.path().join("export")).unwrap();
+    std::fs::write(dir.path().join("export/f"), "v1").unwrap();
+    let mut afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let mut a_events = a.events();
+    let fid = lookup(&a, "f").await.attr.fid;
+    a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
+    afsd.kill();
+    afsd.restart();
+    a.ensure_connected().await.unwrap();
+    // Promises given just before a crash may be lost, so the server tells
+    // every client it knew to revalidate.
+    let start = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), a_events.recv()).await {
+            Ok(Some(ClientEvent::Push(Push::BreakAll))) => break,
+            Ok(Some(_)) if start.elapsed() < Duration::from_secs(3) => continue,
+            other => panic!("expected BreakAll after a crash, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exclusive_create_has_exactly_one_winner() {
+    let dir = TestDir::new("excl");
+    let afsd = Afsd::start(dir.path());
+    let (a, b) = (afsd.client().await, afsd.client().await);
+    for round in 0..100 {
+        let name = format!("lock{round}");
+        let req = |n: &str| CreateReq { dir: Fid::ROOT, name: n.into(), mode: 0o644, exclusive: true };
+        let (ra, rb) = tokio::join!(a.create(req(&name)), b.create(req(&name)));
+        let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert!(matches!(loser, Err(common::rpc::RpcError::Fs(FsError::Exists))));
+        // Unlock, as the lockfile convention does.
+        let holder = if wins == 1 { &a } else { &b };
+        holder.remove(RemoveReq { dir: Fid::ROOT, name, base: None }).await.unwrap();
+    }
+}

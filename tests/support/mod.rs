@@ -1,0 +1,210 @@
+//! Test harness: a fresh directory per test, the real binaries, and helpers
+//! to start, kill and restart them.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use common::auth::Key;
+use common::rpc::{Client, ClientConfig};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// The directory holding the workspace's built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/tests-xxxx -> target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// A directory for one test, removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let p = std::env::temp_dir().join("afs-tests").join(format!("{name}-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running afsd.
+pub struct Afsd {
+    child: Option<Child>,
+    pub addr: String,
+    pub export: PathBuf,
+    pub state: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Afsd {
+    /// Starts afsd on an ephemeral port with `export` and `state` under `dir`.
+    pub fn start(dir: &Path) -> Afsd {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Afsd {
+        let export = dir.join("export");
+        let state = dir.join("state");
+        std::fs::create_dir_all(&export).unwrap();
+        let mut a = Afsd {
+            child: None,
+            addr: "127.0.0.1:0".into(),
+            export,
+            state,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("afsd"));
+        cmd.args(["serve", "--export"])
+            .arg(&self.export)
+            .arg("--state")
+            .arg(&self.state)
+            .args(["--listen", &self.addr])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd.spawn().expect("start afsd");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("afsd listening on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("afsd did not start listening within 20 s");
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// Sets environment for the next (re)start.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    }
+
+    pub fn key(&self) -> Key {
+        Key::load(&self.state.join("afs.key")).unwrap()
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.state.join("afs.key")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (a clean shutdown), and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("afsd did not stop within 20 s of SIGTERM");
+        }
+    }
+
+    /// Waits for the process to exit by itself (a failpoint abort).
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else { return true };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Starts again on the same port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.spawn();
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new(self.addr.clone(), self.key(), Uuid::new_v4());
+        c.attempt_timeout = Duration::from_secs(2);
+        c.call_timeout = Duration::from_secs(30);
+        c
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.client_config()).await.expect("connect to afsd")
+    }
+
+    /// `afsd stats --json`, through the real command.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(bin("afsd")).args(["stats", "--json", "--state"]).arg(&self.state).output().unwrap();
+        assert!(out.status.success(), "afsd stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn rpcs(&self, kind: &str) -> u64 {
+        self.stats()["rpcs"][kind].as_u64().unwrap()
+    }
+}
+
+impl Drop for Afsd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}

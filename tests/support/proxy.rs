@@ -1,0 +1,101 @@
+//! A fault-injecting TCP proxy between a client and afsd.
+//!
+//! It forwards bytes both ways, parsing the server's frames so it can drop
+//! replies on request (to exercise retransmission) and cut every connection
+//! (to exercise reconnection).
+
+use common::frame::{self, Message};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    drop_replies: Arc<AtomicUsize>,
+    pub dropped: Arc<AtomicUsize>,
+    cut: watch::Sender<u64>,
+    refuse: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let drop_replies = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let refuse = Arc::new(AtomicBool::new(false));
+        let (cut, cut_rx) = watch::channel(0u64);
+        let (d, dd, r) = (drop_replies.clone(), dropped.clone(), refuse.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else { return };
+                if r.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(&upstream).await else { continue };
+                let (d, dd, mut cut_rx) = (d.clone(), dd.clone(), cut_rx.clone());
+                tokio::spawn(async move {
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let c2s = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match dr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let s2c = async {
+                        loop {
+                            let body = match frame::read_frame(&mut ur).await {
+                                Ok(Some(b)) => b,
+                                _ => break,
+                            };
+                            let is_return = matches!(frame::decode::<Message>(&body), Ok(Message::Return { .. }));
+                            if is_return
+                                && d.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+                            {
+                                dd.fetch_add(1, Ordering::SeqCst);
+                                continue;
+                            }
+                            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                            f.extend_from_slice(&body);
+                            if dw.write_all(&f).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = c2s => {}
+                        _ = s2c => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, drop_replies, dropped, cut, refuse }
+    }
+
+    /// Drops the next `n` replies the server sends.
+    pub fn drop_next_replies(&self, n: usize) {
+        self.drop_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Closes every connection going through the proxy.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|v| *v += 1);
+    }
+
+    /// While set, new connections are closed at once.
+    pub fn refuse_new(&self, on: bool) {
+        self.refuse.store(on, Ordering::SeqCst);
+    }
+}
