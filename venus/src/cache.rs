@@ -1,0 +1,346 @@
+//! The cache: what venus knows of each object, persisted in sled, and the
+//! container files that hold cached file contents.
+//!
+//! Every change to a node is written through to sled, so a venus restart
+//! starts from the same picture. Container files live in `CACHE/containers`
+//! and are replaced by rename (fetch into a temporary, then rename), so a
+//! crash never leaves a half-fetched file looking complete.
+
+use crate::errors::Result;
+use common::{Attr, FileKind, Fid, Timestamp};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// The container's state when venus last knew it matched the server: a
+/// different state at startup means it was written while venus was down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStamp {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+impl ContainerStamp {
+    pub fn of(meta: &std::fs::Metadata) -> ContainerStamp {
+        ContainerStamp {
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: Timestamp { secs: meta.mtime(), nanos: meta.mtime_nsec() as u32 },
+            ctime: Timestamp { secs: meta.ctime(), nanos: meta.ctime_nsec() as u32 },
+        }
+    }
+}
+
+/// What venus knows of one object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Node {
+    /// The server's attributes; `attr.version` is the version the cached
+    /// content is based on.
+    pub attr: Attr,
+    /// One name of the object, to show paths (`cache ls`) and to flush trees.
+    pub parent: Option<(Fid, String)>,
+    /// A callback promise is held: attributes, content and listing are current.
+    pub valid: bool,
+    /// When the promise runs out (seconds since the epoch).
+    pub expires: i64,
+    /// The container file holds this object's content.
+    pub cached: bool,
+    /// The container holds changes the server does not have yet.
+    pub dirty: bool,
+    /// The container as it was when last in step with the server.
+    pub clean: Option<ContainerStamp>,
+    /// A directory's entries, when fetched.
+    pub entries: Option<BTreeMap<String, (Fid, FileKind)>>,
+    /// A symlink's target, when fetched.
+    pub target: Option<String>,
+    /// Recency for eviction (a global counter, larger is newer).
+    pub last_used: u64,
+}
+
+impl Node {
+    pub fn new(attr: Attr, parent: Option<(Fid, String)>) -> Node {
+        Node {
+            attr,
+            parent,
+            valid: false,
+            expires: 0,
+            cached: false,
+            dirty: false,
+            clean: None,
+            entries: None,
+            target: None,
+            last_used: 0,
+        }
+    }
+
+    /// Valid and not expired: may be used without asking the server.
+    pub fn current(&self) -> bool {
+        self.valid && self.expires > now_secs()
+    }
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("cache records always encode")
+}
+
+/// The index and the containers.
+pub struct Cache {
+    pub dir: PathBuf,
+    db: sled::Db,
+    nodes_tree: sled::Tree,
+    meta: sled::Tree,
+    nodes: Mutex<HashMap<Fid, Node>>,
+    /// Bytes in each container, for the size limit.
+    sizes: Mutex<HashMap<Fid, u64>>,
+    clock: AtomicU64,
+    pub limit: u64,
+}
+
+impl Cache {
+    pub fn open(dir: &Path, limit: u64) -> Result<Cache> {
+        std::fs::create_dir_all(dir.join("containers"))?;
+        let db = sled::Config::new().path(dir.join("index")).open()?;
+        let nodes_tree = db.open_tree("nodes")?;
+        let meta = db.open_tree("meta")?;
+        let mut nodes = HashMap::new();
+        let mut clock = 0;
+        for item in nodes_tree.iter() {
+            let (k, v) = item?;
+            let fid = Fid(u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8])));
+            match rmp_serde::from_slice::<Node>(&v) {
+                Ok(n) => {
+                    clock = clock.max(n.last_used);
+                    nodes.insert(fid, n);
+                }
+                Err(e) => tracing::warn!(%fid, "dropping an unreadable cache record: {e}"),
+            }
+        }
+        let cache = Cache {
+            dir: dir.to_path_buf(),
+            db,
+            nodes_tree,
+            meta,
+            nodes: Mutex::new(nodes),
+            sizes: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(clock + 1),
+            limit,
+        };
+        cache.scan_containers()?;
+        Ok(cache)
+    }
+
+    /// Reconciles containers on disk with the index: leftovers of
+    /// interrupted fetches go, containers written while venus was down
+    /// become dirty.
+    fn scan_containers(&self) -> Result<()> {
+        let mut sizes = self.sizes.lock().unwrap();
+        let mut nodes = self.nodes.lock().unwrap();
+        for entry in std::fs::read_dir(self.dir.join("containers"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(fid) = name.parse::<u64>().ok().map(Fid) else {
+                let _ = std::fs::remove_file(entry.path());
+                continue;
+            };
+            let meta = entry.metadata()?;
+            match nodes.get_mut(&fid) {
+                Some(n) if n.cached => {
+                    if !n.dirty && n.clean != Some(ContainerStamp::of(&meta)) {
+                        tracing::info!(%fid, "container changed while venus was down: will store it");
+                        n.dirty = true;
+                        self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n))?;
+                    }
+                    sizes.insert(fid, meta.len());
+                }
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        for (fid, n) in nodes.iter_mut() {
+            if n.cached && !sizes.contains_key(fid) {
+                n.cached = false;
+                n.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn container_path(&self, fid: Fid) -> PathBuf {
+        self.dir.join("containers").join(fid.0.to_string())
+    }
+
+    pub fn temp_path(&self, fid: Fid) -> PathBuf {
+        self.dir.join("containers").join(format!("{}.fetch-{}", fid.0, Uuid::new_v4().simple()))
+    }
+
+    pub fn get(&self, fid: Fid) -> Option<Node> {
+        self.nodes.lock().unwrap().get(&fid).cloned()
+    }
+
+    pub fn contains(&self, fid: Fid) -> bool {
+        self.nodes.lock().unwrap().contains_key(&fid)
+    }
+
+    /// Applies `f` to a node (creating none) and writes it through.
+    pub fn update<R>(&self, fid: Fid, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
+        let mut nodes = self.nodes.lock().unwrap();
+        let n = nodes.get_mut(&fid)?;
+        let r = f(n);
+        let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n));
+        Some(r)
+    }
+
+    /// Records fresh server attributes for `fid` (from a lookup, getattr,
+    /// create...). If the version moved on, cached content and listing are
+    /// stale; otherwise they stay.
+    pub fn learn(&self, fid: Fid, attr: Attr, parent: Option<(Fid, String)>, promise: Option<i64>) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let node = nodes.entry(fid).or_insert_with(|| Node::new(attr.clone(), parent.clone()));
+        if node.attr.version != attr.version && !node.dirty {
+            node.entries = None;
+            node.target = None;
+            // The content is of an older version: keep the file for open
+            // handles, but it no longer counts as cached.
+            node.cached = false;
+        }
+        if !node.dirty || node.attr.version == attr.version {
+            node.attr = attr;
+        }
+        if parent.is_some() {
+            node.parent = parent;
+        }
+        if let Some(exp) = promise {
+            node.valid = true;
+            node.expires = exp;
+        }
+        let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*node));
+    }
+
+    pub fn remove(&self, fid: Fid) {
+        self.nodes.lock().unwrap().remove(&fid);
+        let _ = self.nodes_tree.remove(fid.0.to_be_bytes());
+        if self.sizes.lock().unwrap().remove(&fid).is_some() {
+            let _ = std::fs::remove_file(self.container_path(fid));
+        }
+    }
+
+    pub fn touch(&self, fid: Fid) {
+        let t = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut nodes = self.nodes.lock().unwrap();
+        if let Some(n) = nodes.get_mut(&fid) {
+            // In memory only: recency need not survive a crash exactly.
+            n.last_used = t;
+        }
+    }
+
+    /// Marks every node stale (after the server lost track of promises).
+    pub fn invalidate_all(&self) -> Vec<Fid> {
+        let mut nodes = self.nodes.lock().unwrap();
+        let mut fids = Vec::with_capacity(nodes.len());
+        for (fid, n) in nodes.iter_mut() {
+            if n.valid {
+                n.valid = false;
+                let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n));
+            }
+            fids.push(*fid);
+        }
+        fids
+    }
+
+    pub fn all(&self) -> Vec<(Fid, Node)> {
+        self.nodes.lock().unwrap().iter().map(|(f, n)| (*f, n.clone())).collect()
+    }
+
+    pub fn set_size(&self, fid: Fid, bytes: u64) {
+        self.sizes.lock().unwrap().insert(fid, bytes);
+    }
+
+    pub fn drop_size(&self, fid: Fid) {
+        self.sizes.lock().unwrap().remove(&fid);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.sizes.lock().unwrap().values().sum()
+    }
+
+    pub fn meta_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.meta.get(key).ok().flatten().map(|v| v.to_vec())
+    }
+
+    pub fn meta_put(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.meta.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The mount-relative path of an object, from its parent pointers.
+    pub fn path_of(&self, fid: Fid) -> String {
+        let nodes = self.nodes.lock().unwrap();
+        let mut names = Vec::new();
+        let mut cur = fid;
+        for _ in 0..4096 {
+            if cur == Fid::ROOT {
+                break;
+            }
+            match nodes.get(&cur).and_then(|n| n.parent.clone()) {
+                Some((p, name)) => {
+                    names.push(name);
+                    cur = p;
+                }
+                None => {
+                    names.push(format!("<{fid}>"));
+                    break;
+                }
+            }
+        }
+        names.reverse();
+        format!("/{}", names.join("/"))
+    }
+
+    /// Whether `fid` is `ancestor` or lies below it.
+    pub fn is_within(&self, fid: Fid, ancestor: Fid) -> bool {
+        let nodes = self.nodes.lock().unwrap();
+        let mut cur = fid;
+        for _ in 0..4096 {
+            if cur == ancestor {
+                return true;
+            }
+            match nodes.get(&cur).and_then(|n| n.parent.as_ref().map(|p| p.0)) {
+                Some(p) => cur = p,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Eviction candidates, least recently used first: containers that are
+    /// clean and not in `open` (stale ones included).
+    pub fn eviction_order(&self, open: &dyn Fn(Fid) -> bool) -> Vec<(Fid, u64)> {
+        let nodes = self.nodes.lock().unwrap();
+        let sizes = self.sizes.lock().unwrap();
+        let mut c: Vec<(u64, Fid, u64)> = nodes
+            .iter()
+            .filter(|(f, n)| !n.dirty && !open(**f))
+            .filter_map(|(f, n)| sizes.get(f).map(|s| (n.last_used, *f, *s)))
+            .collect();
+        c.sort_unstable();
+        c.into_iter().map(|(_, f, s)| (f, s)).collect()
+    }
+}

@@ -1,0 +1,207 @@
+//! Running a mount: open the cache, connect, validate what is cached, serve
+//! FUSE until unmounted or signalled, then finish pending stores and leave
+//! the cache marked clean.
+
+use crate::cache::Cache;
+use crate::fs::Venus;
+use crate::fuse::FuseAdapter;
+use anyhow::Context;
+use common::auth::Key;
+use common::proto::{Push, VolumeStamp, VolumeStampReq};
+use common::rpc::{Client, ClientConfig, ClientEvent};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub struct MountOptions {
+    pub mountpoint: PathBuf,
+    pub server: String,
+    pub key: PathBuf,
+    pub cache: PathBuf,
+    pub cache_size: u64,
+}
+
+/// Sequence numbers are reserved in blocks, persisted before use, so a
+/// restarted venus never reuses a transaction id.
+const SEQ_BLOCK: u64 = 100_000;
+
+fn client_identity(cache: &Cache) -> anyhow::Result<(Uuid, u64)> {
+    let id = match cache.meta_get("client_id") {
+        Some(b) => Uuid::from_slice(&b).context("corrupt client id in the cache index")?,
+        None => {
+            let id = Uuid::new_v4();
+            cache.meta_put("client_id", id.as_bytes())?;
+            id
+        }
+    };
+    let hwm = cache.meta_get("seq_hwm").map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
+    cache.meta_put("seq_hwm", &(hwm + SEQ_BLOCK).to_be_bytes())?;
+    cache.flush()?;
+    Ok((id, hwm))
+}
+
+fn saved_stamp(cache: &Cache) -> Option<VolumeStamp> {
+    cache.meta_get("volume_stamp").and_then(|b| rmp_serde::from_slice(&b).ok())
+}
+
+pub fn run(opts: MountOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let key = Key::load(&opts.key)?;
+    let cache = Cache::open(&opts.cache, opts.cache_size)
+        .with_context(|| format!("opening the cache in {}", opts.cache.display()))?;
+    let was_clean = cache.meta_get("clean").is_some_and(|v| v == [1]);
+    let (client_id, seq_floor) = client_identity(&cache)?;
+    let mut cfg = ClientConfig::new(opts.server.clone(), key, client_id);
+    cfg.attempt_timeout = Duration::from_secs(3);
+    cfg.call_timeout = Duration::from_secs(15);
+    let client = Client::new(cfg);
+    client.resume_sequence_after(seq_floor);
+    let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache));
+    let mut events = client.events();
+
+    rt.block_on(startup(&venus, was_clean))?;
+    venus.cache.meta_put("clean", &[0])?;
+    venus.cache.flush()?;
+
+    // Callback breaks and connection events.
+    let v = venus.clone();
+    rt.spawn(async move {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                ClientEvent::Push(Push::Break { fids }) => {
+                    let v = v.clone();
+                    // Kernel invalidation may wait on inode locks: off the runtime.
+                    let _ = tokio::task::spawn_blocking(move || v.on_break(&fids)).await;
+                }
+                ClientEvent::Push(Push::BreakAll) => {
+                    tracing::info!("server asked for a full revalidation");
+                    match v.revalidate_all().await {
+                        Ok((ok, stale)) => tracing::info!(current = ok, stale, "cache revalidated"),
+                        Err(e) => tracing::warn!("revalidation failed: {e}"),
+                    }
+                }
+                ClientEvent::Connected { conn } => tracing::info!(conn, "connected to the server"),
+                ClientEvent::Lost { conn } => tracing::warn!(conn, "connection to the server lost"),
+            }
+        }
+    });
+    // Deferred stores, and the sequence-number reservation.
+    let v = venus.clone();
+    rt.spawn(async move {
+        let mut hwm = seq_floor + SEQ_BLOCK;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if v.client.next_sequence() + SEQ_BLOCK / 2 > hwm {
+                hwm = v.client.next_sequence() + SEQ_BLOCK;
+                let _ = v.cache.meta_put("seq_hwm", &hwm.to_be_bytes());
+                let _ = v.cache.flush();
+            }
+            if v.cache.all().iter().any(|(_, n)| n.dirty) {
+                let n = v.store_dirty().await;
+                if n > 0 {
+                    tracing::info!(stored = n, "deferred stores reached the server");
+                }
+            }
+        }
+    });
+    let sock = crate::control::socket_path(&opts.cache);
+    let _ = std::fs::remove_file(&sock);
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) }).context("binding the control socket")?;
+    rt.spawn(crate::control::serve(listener, venus.clone()));
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("venus:{}", opts.server)),
+        fuser::MountOption::Subtype("afs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    let adapter = FuseAdapter { venus: venus.clone(), passthrough: Arc::new(AtomicBool::new(false)) };
+    let session = fuser::Session::new(adapter, &opts.mountpoint, &config)
+        .with_context(|| format!("mounting on {}", opts.mountpoint.display()))?;
+    let _ = venus.notifier.set(session.notifier());
+    let bg = session.spawn()?;
+    tracing::info!(mountpoint = %opts.mountpoint.display(), server = %opts.server, "mounted");
+    println!("venus mounted {}", opts.mountpoint.display());
+
+    // Until a signal, or until someone unmounts us.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
+    let tx = done_tx.clone();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => { let _ = tx.send("SIGTERM"); }
+            _ = tokio::signal::ctrl_c() => { let _ = tx.send("SIGINT"); }
+        }
+    });
+    let mp = opts.mountpoint.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if !is_mounted(&mp) {
+            let _ = done_tx.send("unmounted");
+            return;
+        }
+    });
+    let why = done_rx.recv().unwrap_or("channel closed");
+    tracing::info!("{why}: finishing pending stores and unmounting");
+    let pending = rt.block_on(venus.store_dirty());
+    if pending > 0 {
+        tracing::info!(stored = pending, "pending stores finished");
+    }
+    if let Err(e) = bg.umount_and_join() {
+        tracing::warn!("unmount: {e}");
+    }
+    rt.block_on(async {
+        // One more pass: files closed during unmount.
+        venus.store_dirty().await;
+        if let Ok(stamp) = venus.client.volume_stamp(VolumeStampReq {}).await {
+            let _ = venus.cache.meta_put("volume_stamp", &rmp_serde::to_vec(&stamp).unwrap_or_default());
+        }
+    });
+    let dirty = venus.cache.all().iter().filter(|(_, n)| n.dirty).count();
+    venus.cache.meta_put("clean", &[1])?;
+    venus.cache.flush()?;
+    let _ = std::fs::remove_file(&sock);
+    if dirty > 0 {
+        tracing::warn!(dirty, "unmounted with stores the server has not got yet; they are kept and sent on the next mount");
+    }
+    tracing::info!("venus stopped");
+    Ok(())
+}
+
+/// One validation round: if the volume stamp is the one saved at the last
+/// clean unmount nothing changed; otherwise the cached versions are checked
+/// in one batch.
+async fn startup(venus: &Venus, was_clean: bool) -> anyhow::Result<()> {
+    match venus.client.volume_stamp(VolumeStampReq {}).await {
+        Ok(stamp) => {
+            let saved = saved_stamp(&venus.cache);
+            if was_clean && saved.as_ref() == Some(&stamp) {
+                tracing::info!(stamp = stamp.stamp, "volume unchanged since the last mount: cache is current");
+            } else {
+                let (ok, stale) = venus.revalidate_all().await?;
+                tracing::info!(current = ok, stale, "cache validated against the server");
+            }
+            let stored = venus.store_dirty().await;
+            if stored > 0 {
+                tracing::info!(stored, "stores left from the last run reached the server");
+            }
+        }
+        Err(common::rpc::RpcError::Refused(why)) => anyhow::bail!("the server refused this client: {why}"),
+        Err(e) => {
+            tracing::warn!("server unreachable at startup ({e}); cached objects will be revalidated when it answers");
+            venus.cache.invalidate_all();
+        }
+    }
+    Ok(())
+}
+
+fn is_mounted(mountpoint: &std::path::Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return true };
+    let target = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    mounts.lines().any(|l| l.split_whitespace().nth(1).map(|m| m.replace("\\040", " ")) == Some(target.display().to_string()))
+}
