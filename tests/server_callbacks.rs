@@ -29,7 +29,7 @@ async fn expect_break(events: &mut UnboundedReceiver<ClientEvent>, fid: Fid, lim
     loop {
         let left = limit.checked_sub(start.elapsed()).unwrap_or_else(|| panic!("no break for {fid} within {limit:?}"));
         match tokio::time::timeout(left, events.recv()).await {
-            Ok(Some(ClientEvent::Push(Push::Break { fids }))) if fids.contains(&fid) => return start.elapsed(),
+            Ok(Some(ClientEvent::Push(Push::Break { fids, .. }))) if fids.contains(&fid) => return start.elapsed(),
             Ok(Some(ClientEvent::Push(Push::BreakAll))) => return start.elapsed(),
             Ok(Some(_)) => continue,
             Ok(None) => panic!("event stream ended"),

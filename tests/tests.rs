@@ -6,3 +6,4 @@ mod support;
 mod rpc_semantics;
 mod server_callbacks;
 mod server_safety;
+mod venus_connected;

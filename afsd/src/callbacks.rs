@@ -12,7 +12,7 @@
 
 use crate::db::{be_u64, callback_key, db_err, pending_key, Db};
 use common::proto::{Promise, Push};
-use common::rpc::Pusher;
+use common::rpc::{BreakOutcome, Pusher};
 use common::{Fid, FsError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +22,9 @@ use uuid::Uuid;
 
 /// How long a promise lasts without renewal.
 pub const PROMISE_LIFETIME: Duration = Duration::from_secs(2 * 3600);
+
+/// How long a change waits for holders to acknowledge its break.
+const BREAK_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// The marker fid in `pending` meaning "revalidate everything".
 const BREAK_ALL: Fid = Fid(u64::MAX);
@@ -80,7 +83,7 @@ impl Callbacks {
         if !missed.is_empty() {
             tracing::info!(%client, count = missed.len(), "delivering breaks missed while away");
             self.breaks_sent.fetch_add(missed.len() as u64, Ordering::Relaxed);
-            tokio::spawn(pusher.push(Push::Break { fids: missed }));
+            tokio::spawn(pusher.push(Push::Break { id: 0, fids: missed }));
         }
         self.sessions.lock().unwrap().insert(client, (conn, pusher));
     }
@@ -124,20 +127,31 @@ impl Callbacks {
                 per_client.entry(client).or_default().push(fid);
             }
         }
+        // All holders at once; each gets a moment to acknowledge.
+        let mut waits = tokio::task::JoinSet::new();
         for (client, fids) in per_client {
             let pusher = self.sessions.lock().unwrap().get(&client).map(|(_, p)| p.clone());
-            let delivered = match pusher {
-                Some(p) => p.push(Push::Break { fids: fids.clone() }).await,
-                None => false,
-            };
-            if delivered {
+            let sent = pusher.map(|p| p.break_and_wait(fids.clone(), BREAK_ACK_WAIT));
+            waits.spawn(async move {
+                let outcome = match sent {
+                    Some(f) => f.await,
+                    None => BreakOutcome::Closed,
+                };
+                (client, fids, outcome)
+            });
+        }
+        while let Some(Ok((client, fids, outcome))) = waits.join_next().await {
+            if outcome != BreakOutcome::Closed {
                 self.breaks_sent.fetch_add(fids.len() as u64, Ordering::Relaxed);
-                tracing::debug!(%client, ?fids, "callback break sent");
-            } else {
-                tracing::debug!(%client, ?fids, "client away: break kept for its return");
-                for fid in fids {
-                    let _ = self.db.pending.insert(pending_key(client, fid), &[]);
-                }
+            }
+            if outcome == BreakOutcome::Acked {
+                tracing::debug!(%client, ?fids, "callback break acknowledged");
+                continue;
+            }
+            // Away, or silent: it hears of it again when it reconnects.
+            tracing::debug!(%client, ?fids, ?outcome, "break kept for the client's return");
+            for fid in fids {
+                let _ = self.db.pending.insert(pending_key(client, fid), &[]);
             }
         }
     }

@@ -82,6 +82,10 @@ pub enum Message {
     },
     /// Server: an unsolicited message (callback breaks).
     Push(Push),
+    /// Client: the break with this id has been applied.
+    BreakAck {
+        id: u64,
+    },
     /// Client: are you there? Server answers with `Pong`.
     Ping,
     Pong,
@@ -225,8 +229,8 @@ mod tests {
         }
         let err = Message::Return { seq: 6, result: Err(FsError::Conflict(Box::new(attr()))) };
         assert!(matches!(round_trip(err), Message::Return { seq: 6, result: Err(FsError::Conflict(_)) }));
-        let push = Message::Push(Push::Break { fids: vec![Fid(3), Fid(4)] });
-        assert!(matches!(round_trip(push), Message::Push(Push::Break { fids }) if fids == vec![Fid(3), Fid(4)]));
+        let push = Message::Push(Push::Break { id: 1, fids: vec![Fid(3), Fid(4)] });
+        assert!(matches!(round_trip(push), Message::Push(Push::Break { id: 1, fids }) if fids == vec![Fid(3), Fid(4)]));
         let hello = Hello { magic: MAGIC, version: PROTOCOL_VERSION, client: Uuid::from_u128(3), nonce: vec![1; 32] };
         let frame = encode(&hello).unwrap();
         assert_eq!(decode::<Hello>(&frame[4..]).unwrap(), hello);

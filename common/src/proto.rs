@@ -46,8 +46,11 @@ pub struct Promise {
 /// Messages the server sends without being asked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Push {
-    /// These objects changed: drop or revalidate cached copies.
-    Break { fids: Vec<Fid> },
+    /// These objects changed: drop or revalidate cached copies, then answer
+    /// with `BreakAck { id }`. The server holds the reply to the change for
+    /// a moment until holders acknowledge, so once a program sees a change
+    /// complete on one client, no other client still answers from the old copy.
+    Break { id: u64, fids: Vec<Fid> },
     /// Too much changed to say what: revalidate everything.
     BreakAll,
 }

@@ -208,3 +208,130 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A running `venus mount`.
+pub struct VenusMount {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    pub cache: PathBuf,
+    server: String,
+    key: PathBuf,
+    cache_size: String,
+}
+
+impl VenusMount {
+    /// Mounts `afsd`'s volume at `dir/<name>` with its cache in `dir/<name>-cache`.
+    pub fn start(dir: &Path, name: &str, afsd: &Afsd) -> VenusMount {
+        Self::start_with(dir, name, &afsd.addr, &afsd.key_path(), "4G")
+    }
+
+    pub fn start_with(dir: &Path, name: &str, server: &str, key: &Path, cache_size: &str) -> VenusMount {
+        let mountpoint = dir.join(name);
+        let cache = dir.join(format!("{name}-cache"));
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let mut v = VenusMount {
+            child: None,
+            mountpoint,
+            cache,
+            server: server.to_string(),
+            key: key.to_path_buf(),
+            cache_size: cache_size.to_string(),
+        };
+        v.spawn();
+        v
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("venus"));
+        cmd.arg("mount")
+            .arg(&self.mountpoint)
+            .args(["--server", &self.server, "--key"])
+            .arg(&self.key)
+            .arg("--cache")
+            .arg(&self.cache)
+            .args(["--cache-size", &self.cache_size])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd.spawn().expect("start venus");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("venus mounted") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("venus did not mount {} within 30 s", self.mountpoint.display());
+        }
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// SIGTERM: finish stores, unmount, exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("venus did not stop within 30 s of SIGTERM");
+        }
+    }
+
+    /// SIGKILL; the mount is detached lazily.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).stderr(Stdio::null()).status();
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill first");
+        self.spawn();
+    }
+
+    /// Runs a `venus` CLI command against this mount's cache.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("venus")).args(args).arg("--cache").arg(&self.cache).output().unwrap()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "venus status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for VenusMount {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Total RPCs the server has counted, all kinds.
+pub fn total_rpcs(stats: &serde_json::Value) -> u64 {
+    stats["rpcs"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum()
+}
+
+/// Drops the kernel's dentry, inode and page caches, so the next access
+/// really reaches venus.
+pub fn drop_kernel_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}

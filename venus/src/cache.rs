@@ -7,7 +7,7 @@
 //! crash never leaves a half-fetched file looking complete.
 
 use crate::errors::Result;
-use common::{Attr, FileKind, Fid, Timestamp};
+use common::{Attr, Fid, FileKind, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;

@@ -95,7 +95,11 @@ async fn status(venus: &Venus) -> Value {
 pub async fn request(cache: &Path, req: Value) -> anyhow::Result<Value> {
     let path = socket_path(cache);
     let stream = UnixStream::connect(&path).await.map_err(|e| {
-        anyhow::anyhow!("venus does not seem to be running on {}: cannot connect to {}: {e}", cache.display(), path.display())
+        anyhow::anyhow!(
+            "venus does not seem to be running on {}: cannot connect to {}: {e}",
+            cache.display(),
+            path.display()
+        )
     })?;
     let (rd, mut wr) = stream.into_split();
     wr.write_all(format!("{req}\n").as_bytes()).await?;

@@ -10,7 +10,7 @@ use crate::cache::{now_secs, Cache, ContainerStamp, Node};
 use crate::errors::{errno, Result, VenusError};
 use common::proto::*;
 use common::rpc::{fetch_to_file, store_from_file, Client, RpcError};
-use common::{Attr, FileKind, Fid, FsError, FsStats, SetAttr, Timestamp, VersionVector};
+use common::{Attr, Fid, FileKind, FsError, FsStats, SetAttr, Timestamp, VersionVector};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -324,10 +324,8 @@ impl Venus {
                     s.clone()
                 }
                 None => {
-                    let file = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(self.cache.container_path(fid))?;
+                    let file =
+                        std::fs::OpenOptions::new().read(true).write(true).open(self.cache.container_path(fid))?;
                     let meta = file.metadata()?;
                     // A dirty container is out of step with the server by definition.
                     let synced = if node.dirty {
@@ -361,7 +359,12 @@ impl Venus {
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Shared>> {
-        self.handles.lock().unwrap().get(&fh).map(|h| h.shared.clone()).ok_or_else(|| errno(libc::EBADF, "unknown handle"))
+        self.handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .map(|h| h.shared.clone())
+            .ok_or_else(|| errno(libc::EBADF, "unknown handle"))
     }
 
     /// Stores the file if its container changed since it was last in step
@@ -566,7 +569,11 @@ impl Venus {
     pub fn symlink(&self, dir: Fid, name: &std::ffi::OsStr, target: &std::path::Path) -> Result<Attr> {
         let name = name_str(name)?;
         let target = target.to_str().ok_or_else(|| errno(libc::EINVAL, "targets must be UTF-8"))?.to_string();
-        let e = self.rt.block_on(self.client.symlink(SymlinkReq { dir, name: name.to_string(), target: target.clone() }))?;
+        let e = self.rt.block_on(self.client.symlink(SymlinkReq {
+            dir,
+            name: name.to_string(),
+            target: target.clone(),
+        }))?;
         self.learn_new(dir, name, &e);
         self.cache.update(e.attr.fid, |n| n.target = Some(target));
         Ok(e.attr)
@@ -605,7 +612,14 @@ impl Venus {
         }
     }
 
-    pub fn rename(&self, dir: Fid, name: &std::ffi::OsStr, to_dir: Fid, to_name: &std::ffi::OsStr, flags: u32) -> Result<()> {
+    pub fn rename(
+        &self,
+        dir: Fid,
+        name: &std::ffi::OsStr,
+        to_dir: Fid,
+        to_name: &std::ffi::OsStr,
+        flags: u32,
+    ) -> Result<()> {
         let (name, to_name) = (name_str(name)?, name_str(to_name)?);
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(errno(libc::EINVAL, "RENAME_EXCHANGE is not supported"));
@@ -633,7 +647,9 @@ impl Venus {
     }
 
     pub fn setattr(&self, fid: Fid, set: SetAttr, fh: Option<u64>) -> Result<(Attr, Duration)> {
-        let open = fh.and_then(|fh| self.handle(fh).ok()).or_else(|| self.opened.lock().unwrap().get(&fid).map(|(_, s)| s.clone()));
+        let open = fh
+            .and_then(|fh| self.handle(fh).ok())
+            .or_else(|| self.opened.lock().unwrap().get(&fid).map(|(_, s)| s.clone()));
         let r = self.rt.block_on(async {
             let _g = self.stripe(fid).lock().await;
             self.client.setattr(SetAttrReq { fid, set: set.clone(), base: None }).await
@@ -641,11 +657,9 @@ impl Venus {
         // Apply the same change to the local copy, so a later store agrees.
         let container = match &open {
             Some(s) => Some(s.file.clone()),
-            None if self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) => std::fs::OpenOptions::new()
-                .write(true)
-                .open(self.cache.container_path(fid))
-                .ok()
-                .map(Arc::new),
+            None if self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) => {
+                std::fs::OpenOptions::new().write(true).open(self.cache.container_path(fid)).ok().map(Arc::new)
+            }
             None => None,
         };
         if let Some(f) = container {

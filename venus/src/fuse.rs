@@ -2,7 +2,7 @@
 //! file only converts arguments and replies; the logic lives there.
 
 use crate::fs::{Found, Venus};
-use common::{Attr, FileKind, Fid, SetAttr, Timestamp};
+use common::{Attr, Fid, FileKind, SetAttr, Timestamp};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
@@ -130,7 +130,8 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr { mode: mode.map(|m| m & 0o7777), uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
+        let set =
+            SetAttr { mode: mode.map(|m| m & 0o7777), uid, gid, size, atime: atime.map(time), mtime: mtime.map(time) };
         match self.venus.setattr(fid(ino), set, fh.map(|h| h.0)) {
             Ok((a, ttl)) => reply.attr(&ttl, &file_attr(&a)),
             Err(e) => reply.error(e.into()),
@@ -333,7 +334,14 @@ impl Filesystem for FuseAdapter {
                         }
                     }
                     if let Some(id) = backing.as_ref() {
-                        reply.created_passthrough(&Duration::ZERO, &fa, Generation(0), FileHandle(fh), FopenFlags::empty(), id);
+                        reply.created_passthrough(
+                            &Duration::ZERO,
+                            &fa,
+                            Generation(0),
+                            FileHandle(fh),
+                            FopenFlags::empty(),
+                            id,
+                        );
                         return;
                     }
                 }

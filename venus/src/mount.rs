@@ -56,6 +56,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let mut cfg = ClientConfig::new(opts.server.clone(), key, client_id);
     cfg.attempt_timeout = Duration::from_secs(3);
     cfg.call_timeout = Duration::from_secs(15);
+    cfg.manual_break_acks = true;
     let client = Client::new(cfg);
     client.resume_sequence_after(seq_floor);
     let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache));
@@ -70,10 +71,14 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     rt.spawn(async move {
         while let Some(ev) = events.recv().await {
             match ev {
-                ClientEvent::Push(Push::Break { fids }) => {
-                    let v = v.clone();
-                    // Kernel invalidation may wait on inode locks: off the runtime.
-                    let _ = tokio::task::spawn_blocking(move || v.on_break(&fids)).await;
+                ClientEvent::Push(Push::Break { id, fids }) => {
+                    let v2 = v.clone();
+                    // Kernel invalidation may wait on inode locks held by a
+                    // request of ours that itself waits on the server: give
+                    // it a moment, then acknowledge regardless.
+                    let job = tokio::task::spawn_blocking(move || v2.on_break(&fids));
+                    let _ = tokio::time::timeout(Duration::from_millis(250), job).await;
+                    v.client.ack_break(id).await;
                 }
                 ClientEvent::Push(Push::BreakAll) => {
                     tracing::info!("server asked for a full revalidation");
@@ -108,7 +113,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     });
     let sock = crate::control::socket_path(&opts.cache);
     let _ = std::fs::remove_file(&sock);
-    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) }).context("binding the control socket")?;
+    let listener =
+        rt.block_on(async { tokio::net::UnixListener::bind(&sock) }).context("binding the control socket")?;
     rt.spawn(crate::control::serve(listener, venus.clone()));
 
     let mut config = fuser::Config::default();
@@ -132,7 +138,8 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
     let tx = done_tx.clone();
     rt.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = term.recv() => { let _ = tx.send("SIGTERM"); }
             _ = tokio::signal::ctrl_c() => { let _ = tx.send("SIGINT"); }
@@ -167,7 +174,10 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     venus.cache.flush()?;
     let _ = std::fs::remove_file(&sock);
     if dirty > 0 {
-        tracing::warn!(dirty, "unmounted with stores the server has not got yet; they are kept and sent on the next mount");
+        tracing::warn!(
+            dirty,
+            "unmounted with stores the server has not got yet; they are kept and sent on the next mount"
+        );
     }
     tracing::info!("venus stopped");
     Ok(())
@@ -203,5 +213,7 @@ async fn startup(venus: &Venus, was_clean: bool) -> anyhow::Result<()> {
 fn is_mounted(mountpoint: &std::path::Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return true };
     let target = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
-    mounts.lines().any(|l| l.split_whitespace().nth(1).map(|m| m.replace("\\040", " ")) == Some(target.display().to_string()))
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1).map(|m| m.replace("\\040", " ")) == Some(target.display().to_string()))
 }

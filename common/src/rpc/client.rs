@@ -57,6 +57,9 @@ pub struct ClientConfig {
     /// How long a call may take in all before it fails with `Timeout`.
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
+    /// When false, breaks are acknowledged as soon as they arrive; when
+    /// true the owner calls [`Client::ack_break`] after applying them.
+    pub manual_break_acks: bool,
 }
 
 impl ClientConfig {
@@ -68,6 +71,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
+            manual_break_acks: false,
         }
     }
 }
@@ -204,6 +208,14 @@ impl Client {
         self.connection().await.map(|_| ())
     }
 
+    /// Tells the server a break has been applied (see `manual_break_acks`).
+    pub async fn ack_break(&self, id: u64) {
+        let conn = self.inner.conn.lock().await.clone();
+        if let (Some(c), Ok(f)) = (conn, frame::encode(&Message::BreakAck { id })) {
+            let _ = c.outbox.send(Arc::new(f)).await;
+        }
+    }
+
     /// Round trip with no work on the server: a liveness probe.
     pub async fn ping(&self, wait: Duration) -> Result<Duration, RpcError> {
         let start = Instant::now();
@@ -331,6 +343,7 @@ impl Client {
         });
         let (pending, pings, closed) = (conn.pending.clone(), conn.pings.clone(), conn.closed.clone());
         let kill = conn.kill.clone();
+        let manual_acks = cfg.manual_break_acks;
         let weak = Arc::downgrade(&self.inner);
         let outbox = conn.outbox.clone();
         tokio::spawn(async move {
@@ -366,7 +379,14 @@ impl Client {
                             let _ = tx.send(result);
                         }
                     }
-                    Message::Push(p) => emit(ClientEvent::Push(p)),
+                    Message::Push(p) => {
+                        if let (Push::Break { id, .. }, false) = (&p, manual_acks) {
+                            if let Ok(f) = frame::encode(&Message::BreakAck { id: *id }) {
+                                let _ = outbox.send(Arc::new(f)).await;
+                            }
+                        }
+                        emit(ClientEvent::Push(p));
+                    }
                     Message::Pong => {
                         for tx in pings.lock().unwrap().drain(..) {
                             let _ = tx.send(());

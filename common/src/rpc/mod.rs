@@ -8,4 +8,4 @@ mod server;
 
 pub use bulk::{fetch_to_file, store_from_file, FETCH_WINDOW};
 pub use client::{Client, ClientConfig, ClientEvent, RpcError};
-pub use server::{Hooks, Pusher, RpcServer};
+pub use server::{BreakOutcome, Hooks, Pusher, RpcServer};

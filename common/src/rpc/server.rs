@@ -10,6 +10,7 @@
 use super::outbox::{Frame, Outbox};
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
+use crate::fid::Fid;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
 use crate::proto::{dispatch, CallContext, OpKind, Push, Reply, Request, Service, Xid};
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use uuid::Uuid;
 
 /// How long a peer may take over each step of the handshake.
@@ -48,6 +49,19 @@ pub trait Hooks: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Pusher {
     outbox: Outbox,
+    /// Breaks sent and not yet acknowledged, by id.
+    acks: Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// How a break went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BreakOutcome {
+    Acked,
+    /// Sent, but not acknowledged in time.
+    Unacked,
+    /// The connection is gone.
+    Closed,
 }
 
 impl Pusher {
@@ -64,6 +78,42 @@ impl Pusher {
 
     pub fn is_closed(&self) -> bool {
         self.outbox.is_closed()
+    }
+
+    /// Sends a break and waits (at most `wait`) for the client to say it
+    /// no longer trusts its copies.
+    pub fn break_and_wait(
+        &self,
+        fids: Vec<Fid>,
+        wait: Duration,
+    ) -> impl Future<Output = BreakOutcome> + Send + 'static {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.acks.lock().unwrap().insert(id, tx);
+        let (outbox, acks) = (self.outbox.clone(), self.acks.clone());
+        async move {
+            let sent = match frame::encode(&Message::Push(Push::Break { id, fids })) {
+                Ok(f) => outbox.send(Arc::new(f)).await.is_ok(),
+                Err(_) => false,
+            };
+            let outcome = if !sent {
+                BreakOutcome::Closed
+            } else {
+                match tokio::time::timeout(wait, rx).await {
+                    Ok(Ok(())) => BreakOutcome::Acked,
+                    Ok(Err(_)) => BreakOutcome::Closed,
+                    Err(_) => BreakOutcome::Unacked,
+                }
+            };
+            acks.lock().unwrap().remove(&id);
+            outcome
+        }
+    }
+
+    fn acknowledge(&self, id: u64) {
+        if let Some(tx) = self.acks.lock().unwrap().remove(&id) {
+            let _ = tx.send(());
+        }
     }
 }
 
@@ -149,7 +199,12 @@ impl<S: Service + Hooks> RpcServer<S> {
         tracing::info!(%client, conn, %peer, "client connected");
         let (mut rd, wr) = stream.into_split();
         let outbox = Outbox::spawn(wr);
-        self.service.connected(client, conn, Pusher { outbox: outbox.clone() });
+        let pusher = Pusher {
+            outbox: outbox.clone(),
+            acks: Arc::new(Mutex::new(HashMap::new())),
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
+        self.service.connected(client, conn, pusher.clone());
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
             let body = match frame::read_frame(&mut rd).await {
@@ -169,6 +224,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                         drop(permit);
                     });
                 }
+                Ok(Message::BreakAck { id }) => pusher.acknowledge(id),
                 Ok(Message::Ping) => {
                     let pong = Arc::new(frame::encode(&Message::Pong).expect("pong encodes"));
                     let _ = outbox.send(pong).await;

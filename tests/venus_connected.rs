@@ -1,0 +1,274 @@
+//! venus over real FUSE mounts of the real binaries, connected.
+
+use crate::support::{drop_kernel_caches, total_rpcs, Afsd, TestDir, VenusMount};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::time::Duration;
+
+#[test]
+fn close_to_open_between_two_mounts() {
+    let dir = TestDir::new("close-to-open");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+
+    fs::create_dir_all(a.path("docs/deep")).unwrap();
+    fs::write(a.path("docs/deep/note.txt"), "written on A").unwrap();
+    assert_eq!(fs::read_to_string(b.path("docs/deep/note.txt")).unwrap(), "written on A");
+    assert_eq!(fs::read_to_string(afsd.export.join("docs/deep/note.txt")).unwrap(), "written on A");
+
+    // B changes it; A's next open sees B's version.
+    fs::write(b.path("docs/deep/note.txt"), "B was here").unwrap();
+    assert_eq!(fs::read_to_string(a.path("docs/deep/note.txt")).unwrap(), "B was here");
+
+    // Namespace changes show up on the other side too.
+    fs::rename(a.path("docs/deep/note.txt"), a.path("docs/moved.txt")).unwrap();
+    assert!(!b.path("docs/deep/note.txt").exists());
+    assert_eq!(fs::read_to_string(b.path("docs/moved.txt")).unwrap(), "B was here");
+    fs::remove_file(b.path("docs/moved.txt")).unwrap();
+    assert!(!a.path("docs/moved.txt").exists(), "a cached negative/positive entry was invalidated");
+    let names: Vec<_> = fs::read_dir(a.path("docs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec!["deep"]);
+}
+
+#[test]
+fn an_open_reader_keeps_its_copy_until_it_reopens() {
+    let dir = TestDir::new("open-copy");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    fs::write(a.path("f"), "version one").unwrap();
+
+    let mut reader = fs::File::open(b.path("f")).unwrap();
+    let mut first = String::new();
+    reader.read_to_string(&mut first).unwrap();
+    assert_eq!(first, "version one");
+
+    let breaks_before = afsd.stats()["breaks_sent"].as_u64().unwrap();
+    fs::write(a.path("f"), "version two, longer").unwrap();
+    assert!(
+        crate::support::eventually(Duration::from_secs(5), || afsd.stats()["breaks_sent"].as_u64().unwrap()
+            > breaks_before),
+        "B's promise was broken"
+    );
+    // The open file still reads the copy it opened.
+    reader.seek(SeekFrom::Start(0)).unwrap();
+    let mut again = String::new();
+    reader.read_to_string(&mut again).unwrap();
+    assert_eq!(again, "version one");
+    drop(reader);
+    // A new open sees the new version.
+    assert_eq!(fs::read_to_string(b.path("f")).unwrap(), "version two, longer");
+}
+
+#[test]
+fn a_warm_cache_costs_no_rpcs() {
+    let dir = TestDir::new("warm");
+    fs::create_dir_all(dir.path().join("export/src")).unwrap();
+    for i in 0..100 {
+        fs::write(dir.path().join(format!("export/src/file{i:03}.c")), format!("int f{i}(void) {{ return {i}; }}\n"))
+            .unwrap();
+    }
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let walk = || {
+        let mut bytes = 0;
+        let mut entries: Vec<_> = fs::read_dir(a.path("src")).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        assert_eq!(entries.len(), 100);
+        for p in &entries {
+            let m = fs::metadata(p).unwrap(); // stat / ls -l
+            assert!(m.is_file());
+            bytes += fs::read(p).unwrap().len(); // cat
+        }
+        // Failed lookups are answered too (a compiler's include search).
+        for i in 0..50 {
+            assert!(fs::metadata(a.path(&format!("src/missing{i}.h"))).is_err());
+        }
+        bytes
+    };
+    let cold = walk();
+    let before = afsd.stats();
+    for _ in 0..3 {
+        // Make the kernel ask venus again each time.
+        drop_kernel_caches();
+        assert_eq!(walk(), cold);
+    }
+    let after = afsd.stats();
+    assert_eq!(
+        total_rpcs(&after),
+        total_rpcs(&before),
+        "warm passes made RPCs: {} then {}",
+        before["rpcs"],
+        after["rpcs"]
+    );
+    assert!(a.status()["local_hits"].as_u64().unwrap() > 300, "venus answered from its cache");
+}
+
+#[test]
+fn a_restart_reuses_the_cache() {
+    let dir = TestDir::new("restart-cache");
+    fs::create_dir_all(dir.path().join("export/data")).unwrap();
+    for i in 0..20 {
+        fs::write(dir.path().join(format!("export/data/{i}")), vec![i as u8; 10_000 + i]).unwrap();
+    }
+    let afsd = Afsd::start(dir.path());
+    let mut a = VenusMount::start(dir.path(), "a", &afsd);
+    for i in 0..20 {
+        assert_eq!(fs::read(a.path(&format!("data/{i}"))).unwrap().len(), 10_000 + i);
+    }
+    let fetches = afsd.rpcs("fetch");
+    assert!(fetches >= 20);
+    a.stop();
+    // One file changes while A is away: only it is fetched again.
+    fs::write(afsd.export.join("data/7"), "changed while away").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    a.restart();
+    for i in 0..20 {
+        let got = fs::read(a.path(&format!("data/{i}"))).unwrap();
+        if i == 7 {
+            assert_eq!(got, b"changed while away");
+        } else {
+            assert_eq!(got, vec![i as u8; 10_000 + i]);
+        }
+    }
+    assert_eq!(afsd.rpcs("fetch"), fetches + 1, "only the changed file was fetched again");
+
+    // And after a restart with nothing changed: no fetch at all.
+    a.stop();
+    a.restart();
+    let before = afsd.rpcs("fetch");
+    for i in 0..20 {
+        fs::read(a.path(&format!("data/{i}"))).unwrap();
+    }
+    assert_eq!(afsd.rpcs("fetch"), before);
+}
+
+#[test]
+fn eviction_keeps_the_cache_under_its_limit() {
+    let dir = TestDir::new("evict");
+    fs::create_dir_all(dir.path().join("export")).unwrap();
+    for i in 0..12 {
+        fs::write(dir.path().join(format!("export/blob{i}")), vec![b'a' + i as u8; 300 << 10]).unwrap();
+    }
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start_with(dir.path(), "a", &afsd.addr, &afsd.key_path(), "1M");
+    for round in 0..2 {
+        for i in 0..12 {
+            let data = fs::read(a.path(&format!("blob{i}"))).unwrap();
+            assert_eq!(data, vec![b'a' + i as u8; 300 << 10], "round {round} blob{i}");
+            let used = a.status()["cache_bytes"].as_u64().unwrap();
+            assert!(used <= 1 << 20, "cache holds {used} bytes, over its 1 MiB limit");
+        }
+    }
+    // A file that is open is never evicted from under its reader.
+    let mut held = fs::File::open(a.path("blob0")).unwrap();
+    for i in 1..12 {
+        fs::read(a.path(&format!("blob{i}"))).unwrap();
+    }
+    let mut data = Vec::new();
+    held.read_to_end(&mut data).unwrap();
+    assert_eq!(data, vec![b'a'; 300 << 10]);
+
+    let out = a.cli(&["cache", "flush"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = a.status()["cache_bytes"].as_u64().unwrap();
+    assert!(after <= 300 << 10, "flush left {after} bytes (only the open file may stay)");
+}
+
+#[test]
+fn exclusive_create_works_as_a_lock_between_mounts() {
+    let dir = TestDir::new("lockfile");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    for round in 0..20 {
+        let name = format!("job{round}.lock");
+        let (pa, pb) = (a.path(&name), b.path(&name));
+        let ta = std::thread::spawn(move || fs::OpenOptions::new().write(true).create_new(true).open(pa).is_ok());
+        let tb = std::thread::spawn(move || fs::OpenOptions::new().write(true).create_new(true).open(pb).is_ok());
+        let (wa, wb) = (ta.join().unwrap(), tb.join().unwrap());
+        assert!(wa ^ wb, "round {round}: exactly one mount gets the lock (a={wa}, b={wb})");
+        fs::remove_file(if wa { a.path(&name) } else { b.path(&name) }).unwrap();
+    }
+}
+
+#[test]
+fn ordinary_operations_behave_like_a_local_disk() {
+    let dir = TestDir::new("posix");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let p = |s: &str| a.path(s);
+
+    // O_APPEND, O_TRUNC, fsync.
+    fs::write(p("log"), "one\n").unwrap();
+    let mut f = fs::OpenOptions::new().append(true).open(p("log")).unwrap();
+    f.write_all(b"two\n").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(fs::read_to_string(afsd.export.join("log")).unwrap(), "one\ntwo\n", "fsync stores at once");
+    drop(f);
+    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(p("log")).unwrap();
+    f.write_all(b"fresh").unwrap();
+    drop(f);
+    assert_eq!(fs::read_to_string(p("log")).unwrap(), "fresh");
+
+    // Sparse files and writes at offsets.
+    let mut f = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(p("sparse")).unwrap();
+    f.seek(SeekFrom::Start(5 << 20)).unwrap();
+    f.write_all(b"end").unwrap();
+    drop(f);
+    let data = fs::read(p("sparse")).unwrap();
+    assert_eq!(data.len(), (5 << 20) + 3);
+    assert!(data[..5 << 20].iter().all(|b| *b == 0) && &data[5 << 20..] == b"end");
+    assert_eq!(fs::read(afsd.export.join("sparse")).unwrap(), data);
+
+    // chmod, truncate, utimens.
+    fs::set_permissions(p("log"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(p("log")).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(fs::metadata(afsd.export.join("log")).unwrap().permissions().mode() & 0o777, 0o640);
+    fs::OpenOptions::new().write(true).open(p("log")).unwrap().set_len(2).unwrap();
+    assert_eq!(fs::read_to_string(p("log")).unwrap(), "fr");
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    fs::File::options().write(true).open(p("log")).unwrap().set_modified(t).unwrap();
+    assert_eq!(fs::metadata(p("log")).unwrap().modified().unwrap(), t);
+    assert_eq!(fs::metadata(afsd.export.join("log")).unwrap().modified().unwrap(), t);
+
+    // Symlinks and hard links.
+    std::os::unix::fs::symlink("log", p("link")).unwrap();
+    assert_eq!(fs::read_link(p("link")).unwrap().to_str(), Some("log"));
+    assert_eq!(fs::read_to_string(p("link")).unwrap(), "fr");
+    fs::hard_link(p("log"), p("hard")).unwrap();
+    assert_eq!(fs::metadata(p("hard")).unwrap().len(), 2);
+
+    // Rename over an existing target, across directories.
+    fs::create_dir(p("d1")).unwrap();
+    fs::create_dir(p("d2")).unwrap();
+    fs::write(p("d1/x"), "x").unwrap();
+    fs::write(p("d2/y"), "y").unwrap();
+    fs::rename(p("d1/x"), p("d2/y")).unwrap();
+    assert_eq!(fs::read_to_string(p("d2/y")).unwrap(), "x");
+    assert!(!p("d1/x").exists());
+
+    // Errors are the errno a program expects.
+    let errno = |r: std::io::Result<()>| r.unwrap_err().raw_os_error().unwrap();
+    assert_eq!(errno(fs::remove_dir(p("d2"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::create_dir(p("d2"))), libc::EEXIST);
+    assert_eq!(errno(fs::remove_file(p("nope"))), libc::ENOENT);
+    assert_eq!(errno(fs::remove_file(p("d2"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_dir(p("log"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::rename(p("d1"), p("d1/inside"))), libc::EINVAL);
+    assert_eq!(
+        errno(fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(p("log")).map(|_| ())),
+        libc::EEXIST
+    );
+    let st = nix_statfs(&a.mountpoint);
+    assert!(st > 0, "statfs reports the server's filesystem");
+}
+
+fn nix_statfs(p: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_blocks
+}
