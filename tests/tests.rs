@@ -7,3 +7,4 @@ mod rpc_semantics;
 mod server_callbacks;
 mod server_safety;
 mod venus_connected;
+mod venus_random;
