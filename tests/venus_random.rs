@@ -9,6 +9,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+/// One operation, applied to a tree root; the errno on failure.
+type Op = Box<dyn Fn(&Path) -> Result<(), i32>>;
+
 struct Rng(u64);
 
 impl Rng {
@@ -100,7 +103,7 @@ fn run_seed(seed: u64, steps: usize) {
             }
         };
         let desc;
-        let apply: Box<dyn Fn(&Path) -> Result<(), i32>> = match op {
+        let apply: Op = match op {
             0 => {
                 let (p, data) = (target(&mut rng), rng.bytes(40_000));
                 desc = format!("write whole {p} ({} bytes)", data.len());
