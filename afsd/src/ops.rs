@@ -208,6 +208,9 @@ impl Service for Volume {
             let obj = self.object(req.fid)?;
             let path = self.path_of(req.fid)?;
             let file = self.export.open_file(&path, libc::O_RDONLY)?;
+            // Chunks are read in parallel but in order: ask for aggressive readahead.
+            // SAFETY: advisory call on a valid descriptor.
+            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
             let st = crate::export::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))?;
             let obj = self.notice_external(req.fid, obj, &st, true).await?;
             (file, self.attr(req.fid, &obj, &st))

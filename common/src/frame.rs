@@ -93,7 +93,14 @@ pub enum Message {
 
 /// Serialises a message into a complete frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut buf = vec![0u8; 4];
+    encode_sized(msg, 0)
+}
+
+/// Like [`encode`], with room reserved for `payload` bytes up front, so a
+/// chunk is copied once instead of through a growing buffer.
+pub fn encode_sized<T: Serialize>(msg: &T, payload: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = Vec::with_capacity(payload + 256);
+    buf.extend_from_slice(&[0u8; 4]);
     rmp_serde::encode::write_named(&mut buf, msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
     if len > MAX_FRAME {

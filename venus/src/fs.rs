@@ -277,7 +277,12 @@ impl Venus {
             self.client.getattr(GetAttrReq { fid }).await.map(|r| (r.attr, r.promise))
         } else {
             self.counters.fetches.fetch_add(1, Ordering::Relaxed);
-            fetch_to_file(&self.client, fid, file.clone()).await.map(|r| (r.attr, r.promise))
+            let started = std::time::Instant::now();
+            let r = fetch_to_file(&self.client, fid, file.clone()).await.map(|r| (r.attr, r.promise));
+            if let Ok((a, _)) = &r {
+                tracing::debug!(%fid, bytes = a.size, elapsed = ?started.elapsed(), "fetched");
+            }
+            r
         };
         let (attr, promise) = match result {
             Ok(x) => x,

@@ -11,7 +11,7 @@ use super::outbox::{Frame, Outbox};
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
-use crate::proto::{Operation, Push, Reply, Request, Xid};
+use crate::proto::{Operation, Push, Reply, Request, StoreData, StoreReq, Xid};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -256,8 +256,13 @@ impl Client {
         inner.outstanding.lock().unwrap().insert(seq);
         let _guard = OutstandingGuard(inner, seq);
         let xid = Xid { client: inner.cfg.client_id, seq };
+        let payload = match &body {
+            Request::StageWrite(w) => w.data.len(),
+            Request::Store(StoreReq { data: StoreData::Inline(d), .. }) => d.len(),
+            _ => 0,
+        };
         let frame: Frame = Arc::new(
-            frame::encode(&Message::Call { xid, ack: self.ack(), body })
+            frame::encode_sized(&Message::Call { xid, ack: self.ack(), body }, payload)
                 .map_err(|e| RpcError::Protocol(e.to_string()))?,
         );
         let deadline = Instant::now() + inner.cfg.call_timeout;

@@ -325,7 +325,12 @@ impl<S: Service + Hooks> RpcServer<S> {
             }
         };
         let msg = Message::Return { seq: xid.seq, result: (*result).clone() };
-        match frame::encode(&msg) {
+        let payload = match &msg {
+            Message::Return { result: Ok(Reply::ReadChunk(c)), .. } => c.data.len(),
+            Message::Return { result: Ok(Reply::Fetch(f)), .. } => f.data.len(),
+            _ => 0,
+        };
+        match frame::encode_sized(&msg, payload) {
             Ok(f) => {
                 let _ = outbox.send(Frame::new(f)).await;
             }
