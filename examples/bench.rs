@@ -274,5 +274,9 @@ fn main() {
         open_time.as_secs_f64() / local_open.as_secs_f64()
     );
     println!("| RPCs per warm open | {:.3} | 0 | - | 0 |", rpcs as f64 / 1000.0);
-    println!("| peak memory (VmHWM) venus / afsd | {} MiB / {} MiB | - | - | venus < 100 MiB |", venus_hwm / 1024, afsd_hwm / 1024);
+    println!(
+        "| peak memory (VmHWM) venus / afsd | {} MiB / {} MiB | - | - | venus < 100 MiB |",
+        venus_hwm / 1024,
+        afsd_hwm / 1024
+    );
 }

@@ -235,7 +235,8 @@ impl Service for Volume {
         if req.len as usize > CHUNK_SIZE {
             return Err(FsError::Invalid(format!("chunk of {} bytes exceeds {CHUNK_SIZE}", req.len)));
         }
-        let file = self.handles.get(cx.client(), req.handle, false).ok_or(FsError::Stale)?;
+        let (file, turn) = self.handles.reader(cx.client(), req.handle).ok_or(FsError::Stale)?;
+        let _turn = turn.lock().await;
         let mut data = vec![0u8; req.len as usize];
         let n = tokio::task::block_in_place(|| {
             let mut got = 0;

@@ -189,6 +189,11 @@ impl Cache {
         self.nodes.lock().unwrap().get(&fid).cloned()
     }
 
+    /// Looks at a node without copying it (a directory's listing can be large).
+    pub fn view<R>(&self, fid: Fid, f: impl FnOnce(&Node) -> R) -> Option<R> {
+        self.nodes.lock().unwrap().get(&fid).map(f)
+    }
+
     pub fn contains(&self, fid: Fid) -> bool {
         self.nodes.lock().unwrap().contains_key(&fid)
     }

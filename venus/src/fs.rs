@@ -146,11 +146,9 @@ impl Venus {
     // ---- reads ---------------------------------------------------------------------
 
     pub fn getattr(&self, fid: Fid) -> Result<(Attr, Duration)> {
-        if let Some(n) = self.cache.get(fid) {
-            if n.current() {
-                self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok((self.visible_attr(&n), self.ttl(&n)));
-            }
+        if let Some(Some(r)) = self.cache.view(fid, |n| n.current().then(|| (self.visible_attr(n), self.ttl(n)))) {
+            self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(r);
         }
         let gen = self.gen(fid);
         let r = self.rt.block_on(self.client.getattr(GetAttrReq { fid }))?;
@@ -195,29 +193,47 @@ impl Venus {
         })
     }
 
+    /// A name in a cached, current listing: `None` when the listing must
+    /// be fetched first; `Some(None)` for a name that does not exist.
+    fn cached_entry(&self, dir: Fid, name: &str) -> Option<Option<Fid>> {
+        self.cache
+            .view(dir, |n| match (&n.entries, n.current()) {
+                (Some(e), true) => Some(e.get(name).map(|(f, _)| *f)),
+                _ => None,
+            })
+            .flatten()
+    }
+
     pub fn lookup(&self, dir: Fid, name: &std::ffi::OsStr) -> Result<Found> {
         let name = name_str(name)?;
         common::error::validate_name(name)?;
-        let entries = self.listing(dir)?;
-        let dnode = self.cache.get(dir);
-        let dir_current = dnode.as_ref().is_some_and(|n| n.current());
-        let Some((fid, _)) = entries.get(name).copied() else {
-            if !dir_current {
-                return Ok(Found::Negative(Duration::ZERO));
+        let found = match self.cached_entry(dir, name) {
+            Some(f) => f,
+            None => {
+                let entries = self.listing(dir)?;
+                match self.cached_entry(dir, name) {
+                    Some(f) => f,
+                    // Listing fetched but no promise on it: answer, cache nothing.
+                    None => match entries.get(name) {
+                        Some((f, _)) => Some(*f),
+                        None => return Ok(Found::Negative(Duration::ZERO)),
+                    },
+                }
             }
+        };
+        let Some(fid) = found else {
             let mut neg = self.negatives.lock().unwrap();
             let set = neg.entry(dir).or_default();
             if set.len() >= MAX_NEGATIVES && !set.contains(name) {
                 return Ok(Found::Negative(Duration::ZERO));
             }
             set.insert(name.to_string());
-            return Ok(Found::Negative(self.ttl(dnode.as_ref().expect("current implies cached"))));
+            let ttl = self.cache.view(dir, |n| self.ttl(n)).unwrap_or(Duration::ZERO);
+            return Ok(Found::Negative(ttl));
         };
-        if let Some(n) = self.cache.get(fid) {
-            if n.current() {
-                self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Found::Entry(self.visible_attr(&n), self.ttl(&n)));
-            }
+        if let Some(Some(r)) = self.cache.view(fid, |n| n.current().then(|| (self.visible_attr(n), self.ttl(n)))) {
+            self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Found::Entry(r.0, r.1));
         }
         let gen = self.gen(fid);
         let r = self.rt.block_on(self.client.lookup(LookupReq { dir, name: name.to_string() }))?;

@@ -11,6 +11,7 @@ use crate::fid::Fid;
 use crate::frame::CHUNK_SIZE;
 use crate::proto::*;
 use crate::version_vector::VersionVector;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -41,33 +42,38 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
     Ok(reply)
 }
 
+/// Keeps [`FETCH_WINDOW`] chunk requests in flight and writes the chunks in
+/// order, one at a time: parallel writes to one file only contend on its
+/// inode lock, and sequential writes keep the page cache's writeback simple.
 async fn fetch_rest(client: &Client, handle: u64, mut next: u64, size: u64, dest: &Arc<File>) -> Result<(), RpcError> {
-    let mut inflight = JoinSet::new();
+    let mut inflight = VecDeque::new();
     loop {
         while next < size && inflight.len() < FETCH_WINDOW {
             let len = (size - next).min(CHUNK_SIZE as u64) as u32;
-            let (c, d, offset) = (client.clone(), dest.clone(), next);
-            inflight.spawn(async move {
-                let chunk = c.read_chunk(ReadChunkReq { handle, offset, len }).await?;
-                if chunk.data.len() != len as usize {
-                    return Err(RpcError::Fs(FsError::Io(format!(
-                        "short chunk at {offset}: {} of {len} bytes (file changed on the server?)",
-                        chunk.data.len()
-                    ))));
-                }
-                tokio::task::spawn_blocking(move || d.write_all_at(&chunk.data, offset))
-                    .await
-                    .map_err(|e| RpcError::Protocol(e.to_string()))?
-                    .map_err(io_err)
-            });
+            let (c, offset) = (client.clone(), next);
+            inflight.push_back((
+                offset,
+                len,
+                tokio::spawn(async move { c.read_chunk(ReadChunkReq { handle, offset, len }).await }),
+            ));
             next += len as u64;
         }
-        match inflight.join_next().await {
-            None => return Ok(()),
-            Some(Ok(Ok(()))) => {}
-            Some(Ok(Err(e))) => return Err(e),
-            Some(Err(e)) => return Err(RpcError::Protocol(format!("chunk task failed: {e}"))),
+        let Some((offset, len, task)) = inflight.pop_front() else { return Ok(()) };
+        let chunk = match task.await {
+            Ok(r) => r?,
+            Err(e) => return Err(RpcError::Protocol(format!("chunk task failed: {e}"))),
+        };
+        if chunk.data.len() != len as usize {
+            return Err(RpcError::Fs(FsError::Io(format!(
+                "short chunk at {offset}: {} of {len} bytes (file changed on the server?)",
+                chunk.data.len()
+            ))));
         }
+        let d = dest.clone();
+        tokio::task::spawn_blocking(move || d.write_all_at(&chunk.data, offset))
+            .await
+            .map_err(|e| RpcError::Protocol(e.to_string()))?
+            .map_err(io_err)?;
     }
 }
 
