@@ -7,4 +7,5 @@ mod rpc_semantics;
 mod server_callbacks;
 mod server_safety;
 mod venus_connected;
+mod venus_offline;
 mod venus_random;

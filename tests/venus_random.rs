@@ -2,12 +2,11 @@
 //! compared after every step. Seeded and repeatable: a failure names its
 //! seed and step; `AFS_RANDOM_SEED=n` replays one seed.
 
-use crate::support::{Afsd, TestDir, VenusMount};
-use std::collections::BTreeMap;
+use crate::support::{snapshot, Afsd, Entry, TestDir, VenusMount};
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One operation, applied to a tree root; the errno on failure.
 type Op = Box<dyn Fn(&Path) -> Result<(), i32>>;
@@ -38,33 +37,6 @@ impl Rng {
     }
 }
 
-#[derive(Debug, PartialEq)]
-enum Entry {
-    File { mode: u32, data: Vec<u8> },
-    Dir { mode: u32 },
-}
-
-fn snapshot(root: &Path) -> BTreeMap<String, Entry> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for e in fs::read_dir(root.join(&rel)).unwrap() {
-            let e = e.unwrap();
-            let r = rel.join(e.file_name());
-            let m = fs::symlink_metadata(e.path()).unwrap();
-            let mode = m.permissions().mode() & 0o7777;
-            if m.is_dir() {
-                stack.push(r.clone());
-                out.insert(r.display().to_string(), Entry::Dir { mode });
-            } else {
-                assert_eq!(m.len(), fs::read(e.path()).unwrap().len() as u64, "stat size agrees with content: {r:?}");
-                out.insert(r.display().to_string(), Entry::File { mode, data: fs::read(e.path()).unwrap() });
-            }
-        }
-    }
-    out
-}
-
 /// Relative paths of files and of directories (the root is "").
 fn paths(root: &Path) -> (Vec<String>, Vec<String>) {
     let (mut files, mut dirs) = (vec![], vec![String::new()]);
@@ -72,6 +44,7 @@ fn paths(root: &Path) -> (Vec<String>, Vec<String>) {
         match e {
             Entry::File { .. } => files.push(p),
             Entry::Dir { .. } => dirs.push(p),
+            Entry::Symlink(_) => {}
         }
     }
     (files, dirs)

@@ -13,6 +13,7 @@ use common::error::validate_name;
 use common::frame::CHUNK_SIZE;
 use common::proto::*;
 use common::{Attr, DirEntry, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
+use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
@@ -119,6 +120,16 @@ impl Volume {
         match self.execute(&cx.xid, kind, plan, reply).await? {
             Reply::Create(r) | Reply::Mkdir(r) | Reply::Symlink(r) => Ok(r),
             _ => unreachable!("make builds one of these replies"),
+        }
+    }
+
+    /// The object a reintegrated store, setattr or remove is about.
+    fn reintegration_subject(&self, req: &Request) -> Option<Fid> {
+        match req {
+            Request::Store(r) => Some(r.fid),
+            Request::SetAttr(r) => Some(r.fid),
+            Request::Remove(r) => self.db.dirent(r.dir, &r.name).ok().flatten(),
+            _ => None,
         }
     }
 
@@ -650,9 +661,44 @@ impl Service for Volume {
             return Err(FsError::Invalid("reintegration batch too large".into()));
         }
         let mut results = Vec::with_capacity(req.records.len());
-        for (seq, record) in req.records {
-            let sub = CallContext { xid: Xid { client: cx.client(), seq }, conn: cx.conn };
-            results.push(self.reintegrate_one(&sub, record).await);
+        // Local fids of objects created earlier in this batch -> real fids.
+        let mut created: HashMap<Fid, Fid> = HashMap::new();
+        // Objects this batch already changed: (version the client based its
+        // changes on, version now). A later record of the same object based
+        // on the former is based on the latter: it is the client's own change.
+        let mut rebase: HashMap<Fid, (VersionVector, VersionVector)> = HashMap::new();
+        for mut record in req.records {
+            let sub = CallContext { xid: Xid { client: cx.client(), seq: record.seq }, conn: cx.conn };
+            record.req.map_fids(|f| created.get(&f).copied().unwrap_or(f));
+            let subject = self.reintegration_subject(&record.req);
+            let base = match (&mut record.req, subject) {
+                (Request::Store(StoreReq { base, .. }), Some(fid))
+                | (Request::SetAttr(SetAttrReq { base: Some(base), .. }), Some(fid))
+                | (Request::Remove(RemoveReq { base: Some(base), .. }), Some(fid)) => {
+                    if let Some((before, after)) = rebase.get(&fid) {
+                        if base == before {
+                            *base = after.clone();
+                        }
+                    }
+                    Some(base.clone())
+                }
+                _ => None,
+            };
+            let result = self.reintegrate_one(&sub, record.req).await;
+            match (&result, subject, base) {
+                (Ok(Reply::Create(e) | Reply::Mkdir(e) | Reply::Symlink(e)), _, _) => {
+                    if let Some(local) = record.creates {
+                        created.insert(local, e.attr.fid);
+                    }
+                    rebase.insert(e.attr.fid, (VersionVector::new(), e.attr.version.clone()));
+                }
+                (Ok(Reply::Store(e) | Reply::SetAttr(e)), Some(fid), Some(base)) => {
+                    let before = rebase.get(&fid).map(|(b, _)| b.clone()).unwrap_or(base);
+                    rebase.insert(fid, (before, e.attr.version.clone()));
+                }
+                _ => {}
+            }
+            results.push(result);
         }
         Ok(ReintegrateReply { results })
     }

@@ -11,6 +11,18 @@ pub struct Fid(pub u64);
 impl Fid {
     /// The root directory of the volume.
     pub const ROOT: Fid = Fid(1);
+
+    /// Fids with this bit are made up by a client for objects it created
+    /// while disconnected; reintegration replaces them with the server's.
+    pub const LOCAL_BIT: u64 = 1 << 62;
+
+    pub fn local(n: u64) -> Fid {
+        Fid(Self::LOCAL_BIT | n)
+    }
+
+    pub fn is_local(self) -> bool {
+        self.0 & Self::LOCAL_BIT != 0
+    }
 }
 
 impl fmt::Display for Fid {

@@ -274,7 +274,18 @@ pub struct VolumeStamp {
 /// mid-way can be resent whole and nothing in it runs twice.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReintegrateReq {
-    pub records: Vec<(u64, Request)>,
+    pub records: Vec<ReintegrateRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReintegrateRecord {
+    /// The record's own transaction sequence number.
+    pub seq: u64,
+    /// For a create, mkdir or symlink: the local fid the client gave the new
+    /// object. Later records of the batch may name it; the server replaces
+    /// it with the object's real fid.
+    pub creates: Option<Fid>,
+    pub req: Request,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -332,6 +343,31 @@ macro_rules! operations {
         impl Request {
             pub fn kind(&self) -> OpKind {
                 match self { $( Request::$name(_) => OpKind::$name, )* }
+            }
+        }
+
+        impl Request {
+            /// Rewrites every fid a mutation names (for local fids in
+            /// reintegration). Reads are left alone.
+            pub fn map_fids(&mut self, f: impl Fn(Fid) -> Fid) {
+                match self {
+                    Request::Store(r) => r.fid = f(r.fid),
+                    Request::Create(r) => r.dir = f(r.dir),
+                    Request::Mkdir(r) => r.dir = f(r.dir),
+                    Request::Symlink(r) => r.dir = f(r.dir),
+                    Request::Link(r) => {
+                        r.fid = f(r.fid);
+                        r.dir = f(r.dir);
+                    }
+                    Request::Remove(r) => r.dir = f(r.dir),
+                    Request::Rmdir(r) => r.dir = f(r.dir),
+                    Request::Rename(r) => {
+                        r.from_dir = f(r.from_dir);
+                        r.to_dir = f(r.to_dir);
+                    }
+                    Request::SetAttr(r) => r.fid = f(r.fid),
+                    _ => {}
+                }
             }
         }
 

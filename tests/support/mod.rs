@@ -335,3 +335,68 @@ pub fn total_rpcs(stats: &serde_json::Value) -> u64 {
 pub fn drop_kernel_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
+
+/// Every object under `root`: kind, permission bits, and file content.
+#[derive(Debug, PartialEq)]
+pub enum Entry {
+    File { mode: u32, data: Vec<u8> },
+    Dir { mode: u32 },
+    Symlink(String),
+}
+
+pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, Entry> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+            if m.is_dir() {
+                stack.push(r.clone());
+                out.insert(r.display().to_string(), Entry::Dir { mode });
+            } else if m.file_type().is_symlink() {
+                out.insert(
+                    r.display().to_string(),
+                    Entry::Symlink(std::fs::read_link(e.path()).unwrap().display().to_string()),
+                );
+            } else {
+                assert_eq!(
+                    m.len(),
+                    std::fs::read(e.path()).unwrap().len() as u64,
+                    "stat size agrees with content: {r:?}"
+                );
+                out.insert(r.display().to_string(), Entry::File { mode, data: std::fs::read(e.path()).unwrap() });
+            }
+        }
+    }
+    out
+}
+
+impl VenusMount {
+    /// Waits until `venus status` reports `state`; panics after `limit`.
+    pub fn wait_state(&self, state: &str, limit: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.status();
+            if s["state"] == state {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "venus never reached {state:?}: {s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "venus {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

@@ -90,6 +90,11 @@ pub fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// A big-endian u64 key or value.
+pub fn be(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(v).expect("cache records always encode")
 }
@@ -207,6 +212,49 @@ impl Cache {
         Some(r)
     }
 
+    /// Adds or replaces a node.
+    pub fn insert(&self, fid: Fid, node: Node) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&node));
+        nodes.insert(fid, node);
+    }
+
+    /// Moves a node to a new fid (a local fid got its server fid), with its
+    /// container, and repoints children and listings at it.
+    pub fn renumber(&self, from: Fid, to: Fid) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let Some(mut node) = nodes.remove(&from) else { return };
+        let _ = self.nodes_tree.remove(from.0.to_be_bytes());
+        node.attr.fid = to;
+        let mut sizes = self.sizes.lock().unwrap();
+        if let Some(size) = sizes.remove(&from) {
+            if std::fs::rename(self.container_path(from), self.container_path(to)).is_ok() {
+                sizes.insert(to, size);
+            }
+        }
+        drop(sizes);
+        let _ = self.nodes_tree.insert(to.0.to_be_bytes(), encode(&node));
+        nodes.insert(to, node);
+        for (fid, n) in nodes.iter_mut() {
+            let mut changed = false;
+            if let Some((p, _)) = n.parent.as_mut().filter(|(p, _)| *p == from) {
+                *p = to;
+                changed = true;
+            }
+            if let Some(entries) = n.entries.as_mut() {
+                for (f, _) in entries.values_mut() {
+                    if *f == from {
+                        *f = to;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n));
+            }
+        }
+    }
+
     /// Records fresh server attributes for `fid` (from a lookup, getattr,
     /// create...). If the version moved on, cached content and listing are
     /// stale; otherwise they stay.
@@ -278,6 +326,10 @@ impl Cache {
 
     pub fn bytes(&self) -> u64 {
         self.sizes.lock().unwrap().values().sum()
+    }
+
+    pub fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     pub fn meta_get(&self, key: &str) -> Option<Vec<u8>> {

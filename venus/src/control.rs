@@ -2,7 +2,10 @@
 //!
 //! One JSON request per line on `CACHE/venus.sock`, one JSON reply per line.
 
+use crate::cml::CmlOp;
 use crate::fs::Venus;
+use crate::link::State;
+use crate::repair::Resolution;
 use common::Fid;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -64,6 +67,67 @@ async fn handle(venus: &Venus, req: &Value) -> Value {
             let (n, bytes) = venus.flush_cache(under);
             json!({ "flushed": n, "bytes": bytes })
         }
+        "disconnect" => {
+            venus.link.set_forced(true);
+            let _ = venus.cache.meta_put("forced_offline", &[1]);
+            let _ = venus.cache.flush();
+            venus.link.set(State::Disconnected, "disconnected by the user");
+            venus.client.disconnect().await;
+            json!({ "state": "disconnected" })
+        }
+        "reconnect" => {
+            venus.link.set_forced(false);
+            let _ = venus.cache.meta_put("forced_offline", &[0]);
+            let _ = venus.cache.flush();
+            venus.link.wake.notify_one();
+            // Wait (bounded) for the keeper to reach the server and reintegrate.
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+            while tokio::time::Instant::now() < deadline && !venus.link.is_connected() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let (state, cause, _) = venus.link.describe();
+            if state == State::Connected {
+                json!({ "state": state, "conflicts": venus.conflicts.len() })
+            } else {
+                json!({ "error": format!("still {state:?}: {cause}").to_lowercase() })
+            }
+        }
+        "conflicts_list" => {
+            let list: Vec<Value> = venus
+                .conflicts
+                .list()
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "path": c.path,
+                        "kind": c.kind.label(),
+                        "local": { "exists": c.local.exists, "size": c.local.size, "mtime": c.local.mtime.secs },
+                        "server": { "exists": c.server.exists, "size": c.server.size, "mtime": c.server.mtime.secs },
+                        "renamed_from": c.renamed_from,
+                        "detail": c.detail,
+                        "local_copy": c.local.exists.then(|| venus.conflicts.local_copy(c.id).display().to_string()),
+                    })
+                })
+                .collect();
+            json!({ "conflicts": list })
+        }
+        "conflicts_show" => match venus.conflict_show(req["path"].as_str().unwrap_or("")).await {
+            Ok(v) => v,
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        "conflicts_resolve" => {
+            let how = match (req["keep"].as_str(), req["use"].as_str()) {
+                (Some("local"), None) => Resolution::Local,
+                (Some("server"), None) => Resolution::Server,
+                (Some("both"), None) => Resolution::Both,
+                (None, Some(f)) => Resolution::Use(f.into()),
+                _ => return json!({ "error": "say --keep local|server|both or --use FILE" }),
+            };
+            match venus.conflict_resolve(req["path"].as_str().unwrap_or(""), how).await {
+                Ok(outcome) => json!({ "resolved": outcome }),
+                Err(e) => json!({ "error": e.to_string() }),
+            }
+        }
         other => json!({ "error": format!("unknown command {other:?}") }),
     }
 }
@@ -72,13 +136,27 @@ async fn status(venus: &Venus) -> Value {
     let all = venus.cache.all();
     let dirty = all.iter().filter(|(_, n)| n.dirty).count();
     let cached = all.iter().filter(|(_, n)| n.cached).count();
-    let state = if venus.client.is_connected().await { "connected" } else { "disconnected" };
+    let (state, cause, since) = venus.link.describe();
+    let records = venus.cml.records();
+    let cml_bytes: u64 = records
+        .iter()
+        .map(|r| match &r.op {
+            CmlOp::Store { fid, .. } => {
+                std::fs::metadata(venus.cache.container_path(venus.resolve(*fid))).map(|m| m.len()).unwrap_or(0)
+            }
+            _ => 0,
+        })
+        .sum();
     json!({
         "state": state,
+        "cause": cause,
+        "for_seconds": since.as_secs(),
+        "forced_offline": venus.link.forced(),
         "server": venus.client.config().addr,
         "client": venus.client.id().to_string(),
-        "cml_records": 0,
-        "conflicts": std::fs::read_dir(venus.cache.dir.join("conflicts")).map(|d| d.count()).unwrap_or(0),
+        "cml_records": records.len(),
+        "cml_bytes": cml_bytes,
+        "conflicts": venus.conflicts.len(),
         "cache_bytes": venus.cache.bytes(),
         "cache_limit": venus.cache.limit,
         "objects": all.len(),

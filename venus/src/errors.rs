@@ -47,6 +47,9 @@ pub enum VenusError {
     Index(#[from] sled::Error),
     #[error("{1}")]
     Errno(Errno, String),
+    /// Disconnected, and what was asked for is not cached.
+    #[error("the server is unreachable and the object is not cached")]
+    Offline,
 }
 
 impl ToErrno for VenusError {
@@ -57,6 +60,7 @@ impl ToErrno for VenusError {
             VenusError::Io(e) => e.errno(),
             VenusError::Index(_) => Errno::EIO,
             VenusError::Errno(e, _) => *e,
+            VenusError::Offline => Errno::from_i32(libc::ETIMEDOUT),
         }
     }
 }

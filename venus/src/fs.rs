@@ -5,14 +5,21 @@
 //! container files on open and stored back whole when a modified file is
 //! closed (flush). Callback breaks from the server mark objects stale and
 //! invalidate the kernel's caches of them.
+//!
+//! While disconnected (see `link.rs`) reads are served from whatever is
+//! cached and changes go to the modification log (`offline.rs`).
 
 use crate::cache::{now_secs, Cache, ContainerStamp, Node};
+use crate::cml::{Cml, CmlOp};
+use crate::conflicts::Conflicts;
 use crate::errors::{errno, Result, VenusError};
+use crate::link::Link;
 use common::proto::*;
-use common::rpc::{fetch_to_file, store_from_file, Client, RpcError};
+use common::rpc::{fetch_to_file, Client, RpcError};
 use common::{Attr, Fid, FileKind, FsError, FsStats, SetAttr, Timestamp, VersionVector};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -37,13 +44,19 @@ pub enum Found {
 /// An open file: the container descriptor and the version its content is
 /// based on. Several opens of one file share one `Shared`.
 pub struct Shared {
-    pub fid: Fid,
+    pub fid: Mutex<Fid>,
     pub file: Arc<File>,
     pub base: Mutex<VersionVector>,
-    /// The container's state when last in step with the server.
+    /// The container's state when last in step with the server (or the log).
     pub synced: Mutex<ContainerStamp>,
     /// The kernel's passthrough registration, kept while any handle is open.
     pub backing: Mutex<Option<fuser::BackingId>>,
+}
+
+impl Shared {
+    pub fn fid(&self) -> Fid {
+        *self.fid.lock().unwrap()
+    }
 }
 
 pub struct OpenFile {
@@ -63,44 +76,76 @@ pub struct Venus {
     pub rt: tokio::runtime::Handle,
     pub client: Client,
     pub cache: Cache,
+    pub cml: Cml,
+    pub conflicts: Conflicts,
+    pub link: Link,
     pub notifier: OnceLock<fuser::Notifier>,
+    /// Where the volume is mounted (to turn CLI paths into volume paths).
+    pub mountpoint: std::path::PathBuf,
     handles: Mutex<HashMap<u64, OpenFile>>,
     /// The shared open state of each open file.
-    opened: Mutex<HashMap<Fid, (usize, Arc<Shared>)>>,
+    pub(crate) opened: Mutex<HashMap<Fid, (usize, Arc<Shared>)>>,
     next_fh: AtomicU64,
     /// Bumped by every break, so a fetch can tell a break raced with it.
     break_gen: Mutex<HashMap<Fid, u64>>,
     negatives: Mutex<HashMap<Fid, HashSet<String>>>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Local fids of objects created offline -> their server fids, for
+    /// inode numbers the kernel still uses.
+    aliases: Mutex<HashMap<Fid, Fid>>,
+    aliases_tree: sled::Tree,
+    /// Last statfs answer, for statfs while offline.
+    last_statfs: Mutex<Option<FsStats>>,
     pub counters: Counters,
 }
 
-fn name_str(name: &std::ffi::OsStr) -> Result<&str> {
+pub(crate) fn name_str(name: &std::ffi::OsStr) -> Result<&str> {
     name.to_str().ok_or_else(|| errno(libc::EINVAL, "names must be UTF-8"))
 }
 
-fn promise_exp(p: Option<Promise>) -> Option<i64> {
+pub(crate) fn promise_exp(p: Option<Promise>) -> Option<i64> {
     p.map(|p| p.expires)
 }
 
 impl Venus {
-    pub fn new(rt: tokio::runtime::Handle, client: Client, cache: Cache) -> Venus {
-        Venus {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        client: Client,
+        cache: Cache,
+        link: Link,
+        mountpoint: std::path::PathBuf,
+    ) -> Result<Venus> {
+        let cml = Cml::open(cache.db())?;
+        let conflicts = Conflicts::open(cache.db(), &cache.dir)?;
+        let aliases_tree = cache.db().open_tree("aliases")?;
+        let aliases = aliases_tree
+            .iter()
+            .flatten()
+            .map(|(k, v)| (Fid(crate::cache::be(&k)), Fid(crate::cache::be(&v))))
+            .collect();
+        Ok(Venus {
             rt,
             client,
             cache,
+            cml,
+            conflicts,
+            link,
             notifier: OnceLock::new(),
+            mountpoint,
             handles: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             break_gen: Mutex::new(HashMap::new()),
             negatives: Mutex::new(HashMap::new()),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            aliases: Mutex::new(aliases),
+            aliases_tree,
+            last_statfs: Mutex::new(None),
             counters: Counters::default(),
-        }
+        })
     }
 
-    fn stripe(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
+    pub(crate) fn stripe(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
         &self.stripes[(fid.0 as usize) % STRIPES]
     }
 
@@ -108,14 +153,57 @@ impl Venus {
         self.break_gen.lock().unwrap().get(&fid).copied().unwrap_or(0)
     }
 
+    /// The object an inode number names now (a local fid may have become a
+    /// server fid through reintegration).
+    pub fn resolve(&self, fid: Fid) -> Fid {
+        if fid.is_local() {
+            if let Some(f) = self.aliases.lock().unwrap().get(&fid) {
+                return *f;
+            }
+        }
+        fid
+    }
+
+    pub(crate) fn add_alias(&self, local: Fid, server: Fid) -> Result<()> {
+        self.aliases.lock().unwrap().insert(local, server);
+        self.aliases_tree.insert(local.0.to_be_bytes(), &server.0.to_be_bytes())?;
+        Ok(())
+    }
+
     pub fn is_open(&self, fid: Fid) -> bool {
         self.opened.lock().unwrap().contains_key(&fid)
     }
 
+    /// Runs a server request while connected. A transport failure takes
+    /// venus offline and is reported as `Offline`, so callers fall back to
+    /// the cache or the log.
+    pub(crate) async fn remote<T>(&self, f: impl Future<Output = std::result::Result<T, RpcError>>) -> Result<T> {
+        if self.link.state() == crate::link::State::Disconnected {
+            return Err(VenusError::Offline);
+        }
+        match f.await {
+            Err(e) if e.is_transport() => {
+                self.link.lost(format!("a request failed: {e}"));
+                Err(VenusError::Offline)
+            }
+            r => r.map_err(Into::into),
+        }
+    }
+
+    pub(crate) fn remote_blocking<T>(&self, f: impl Future<Output = std::result::Result<T, RpcError>>) -> Result<T> {
+        self.rt.block_on(self.remote(f))
+    }
+
+    /// An uncached object asked for while offline: a clear error and a log line.
+    pub(crate) fn not_cached(&self, fid: Fid, what: &str) -> VenusError {
+        tracing::warn!(path = %self.cache.path_of(fid), "{what} is not cached and the server is unreachable");
+        VenusError::Offline
+    }
+
     /// Kernel TTL for a node.
-    fn ttl(&self, n: &Node) -> Duration {
+    pub(crate) fn ttl(&self, n: &Node) -> Duration {
         if !n.current() {
-            return SHORT_TTL;
+            return if self.link.is_connected() { SHORT_TTL } else { Duration::ZERO };
         }
         if n.attr.kind == FileKind::File && (n.dirty || self.is_open(n.attr.fid)) {
             // Sizes and times come from the container while it is written.
@@ -127,12 +215,13 @@ impl Venus {
 
     /// A node's attributes as the kernel should see them: an open or dirty
     /// file's size and times come from its container.
-    fn visible_attr(&self, n: &Node) -> Attr {
+    pub(crate) fn visible_attr(&self, n: &Node, fid: Fid) -> Attr {
         let mut a = n.attr.clone();
-        if a.kind == FileKind::File && (n.dirty || self.is_open(a.fid)) {
-            let meta = match self.opened.lock().unwrap().get(&a.fid) {
+        a.fid = fid;
+        if a.kind == FileKind::File && (n.dirty || self.is_open(fid)) {
+            let meta = match self.opened.lock().unwrap().get(&fid) {
                 Some((_, s)) => s.file.metadata().ok(),
-                None => std::fs::metadata(self.cache.container_path(a.fid)).ok(),
+                None => std::fs::metadata(self.cache.container_path(fid)).ok(),
             };
             if let Some(m) = meta {
                 a.size = m.len();
@@ -143,43 +232,56 @@ impl Venus {
         a
     }
 
+    /// Attributes straight from the cache: current ones, or (offline) any.
+    fn cached_attr(&self, fid: Fid, any: bool) -> Option<(Attr, Duration)> {
+        self.cache.view(fid, |n| (n.current() || any).then(|| (self.visible_attr(n, fid), self.ttl(n)))).flatten()
+    }
+
     // ---- reads ---------------------------------------------------------------------
 
     pub fn getattr(&self, fid: Fid) -> Result<(Attr, Duration)> {
-        if let Some(Some(r)) = self.cache.view(fid, |n| n.current().then(|| (self.visible_attr(n), self.ttl(n)))) {
+        let fid = self.resolve(fid);
+        if let Some(r) = self.cached_attr(fid, fid.is_local()) {
             self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(r);
         }
         let gen = self.gen(fid);
-        let r = self.rt.block_on(self.client.getattr(GetAttrReq { fid }))?;
-        let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
-        self.cache.learn(fid, r.attr, None, promise);
-        let n = self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
-        Ok((self.visible_attr(&n), self.ttl(&n)))
+        match self.remote_blocking(self.client.getattr(GetAttrReq { fid })) {
+            Ok(r) => {
+                let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
+                self.cache.learn(fid, r.attr, None, promise);
+                self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))
+            }
+            Err(VenusError::Offline) => self.cached_attr(fid, true).ok_or_else(|| self.not_cached(fid, "attributes")),
+            Err(e) => Err(e),
+        }
     }
 
-    /// A directory's entries, from the cache while its promise holds.
+    /// A directory's entries, from the cache while its promise holds (or,
+    /// offline, whatever listing is cached).
     pub fn listing(&self, dir: Fid) -> Result<BTreeMap<String, (Fid, FileKind)>> {
-        if let Some(n) = self.cache.get(dir) {
+        let dir = self.resolve(dir);
+        let cached = self.cache.view(dir, |n| {
             if n.attr.kind != FileKind::Dir {
-                return Err(FsError::NotDir.into());
+                return Err(FsError::NotDir);
             }
-            if n.current() {
-                if let Some(e) = n.entries {
-                    self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(e);
-                }
+            Ok((n.current() || dir.is_local(), n.entries.clone()))
+        });
+        match cached {
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok((true, Some(e)))) => {
+                self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(e);
             }
+            _ => {}
         }
-        self.rt.block_on(async {
+        let fetched = self.rt.block_on(async {
             let _g = self.stripe(dir).lock().await;
-            if let Some(n) = self.cache.get(dir) {
-                if let (true, Some(e)) = (n.current(), n.entries) {
-                    return Ok(e);
-                }
+            if let Some((true, Some(e))) = self.cache.view(dir, |n| (n.current(), n.entries.clone())) {
+                return Ok(e);
             }
             let gen = self.gen(dir);
-            let r = self.client.readdir(ReadDirReq { dir }).await?;
+            let r = self.remote(self.client.readdir(ReadDirReq { dir })).await?;
             let entries: BTreeMap<String, (Fid, FileKind)> =
                 r.entries.into_iter().map(|e| (e.name, (e.fid, e.kind))).collect();
             let promise = if self.gen(dir) == gen { promise_exp(r.promise) } else { None };
@@ -190,14 +292,23 @@ impl Venus {
             }
             self.negatives.lock().unwrap().remove(&dir);
             Ok(entries)
-        })
+        });
+        match fetched {
+            Err(VenusError::Offline) => self
+                .cache
+                .view(dir, |n| n.entries.clone())
+                .flatten()
+                .ok_or_else(|| self.not_cached(dir, "directory listing")),
+            r => r,
+        }
     }
 
-    /// A name in a cached, current listing: `None` when the listing must
+    /// A name in a cached listing usable now: `None` when the listing must
     /// be fetched first; `Some(None)` for a name that does not exist.
     fn cached_entry(&self, dir: Fid, name: &str) -> Option<Option<Fid>> {
+        let offline = !self.link.is_connected();
         self.cache
-            .view(dir, |n| match (&n.entries, n.current()) {
+            .view(dir, |n| match (&n.entries, n.current() || offline || dir.is_local()) {
                 (Some(e), true) => Some(e.get(name).map(|(f, _)| *f)),
                 _ => None,
             })
@@ -205,6 +316,7 @@ impl Venus {
     }
 
     pub fn lookup(&self, dir: Fid, name: &std::ffi::OsStr) -> Result<Found> {
+        let dir = self.resolve(dir);
         let name = name_str(name)?;
         common::error::validate_name(name)?;
         let found = match self.cached_entry(dir, name) {
@@ -222,6 +334,10 @@ impl Venus {
             }
         };
         let Some(fid) = found else {
+            let current = self.cache.view(dir, |n| n.current()).unwrap_or(false);
+            if !current {
+                return Ok(Found::Negative(Duration::ZERO));
+            }
             let mut neg = self.negatives.lock().unwrap();
             let set = neg.entry(dir).or_default();
             if set.len() >= MAX_NEGATIVES && !set.contains(name) {
@@ -231,70 +347,114 @@ impl Venus {
             let ttl = self.cache.view(dir, |n| self.ttl(n)).unwrap_or(Duration::ZERO);
             return Ok(Found::Negative(ttl));
         };
-        if let Some(Some(r)) = self.cache.view(fid, |n| n.current().then(|| (self.visible_attr(n), self.ttl(n)))) {
+        let fid = self.resolve(fid);
+        if let Some((a, ttl)) = self.cached_attr(fid, fid.is_local()) {
             self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Found::Entry(r.0, r.1));
+            return Ok(Found::Entry(a, ttl));
         }
         let gen = self.gen(fid);
-        let r = self.rt.block_on(self.client.lookup(LookupReq { dir, name: name.to_string() }))?;
-        let fid = r.attr.fid;
-        let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
-        self.cache.learn(fid, r.attr, Some((dir, name.to_string())), promise);
-        let n = self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
-        Ok(Found::Entry(self.visible_attr(&n), self.ttl(&n)))
+        match self.remote_blocking(self.client.lookup(LookupReq { dir, name: name.to_string() })) {
+            Ok(r) => {
+                let fid = r.attr.fid;
+                let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
+                self.cache.learn(fid, r.attr, Some((dir, name.to_string())), promise);
+                let (a, ttl) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
+                Ok(Found::Entry(a, ttl))
+            }
+            Err(VenusError::Offline) => {
+                let (a, ttl) = self.cached_attr(fid, true).ok_or_else(|| self.not_cached(fid, "attributes"))?;
+                Ok(Found::Entry(a, ttl))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn readlink(&self, fid: Fid) -> Result<String> {
-        if let Some(n) = self.cache.get(fid) {
-            if let (true, Some(t)) = (n.current(), n.target.clone()) {
-                return Ok(t);
-            }
+        let fid = self.resolve(fid);
+        let offline = !self.link.is_connected();
+        if let Some(Some(t)) =
+            self.cache.view(fid, |n| (n.current() || offline || fid.is_local()).then(|| n.target.clone()).flatten())
+        {
+            return Ok(t);
         }
         let gen = self.gen(fid);
-        let r = self.rt.block_on(self.client.fetch(FetchReq { fid, inline_max: 8192 }))?;
-        let target = String::from_utf8(r.data).map_err(|_| errno(libc::EIO, "symlink target is not UTF-8"))?;
-        let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
-        self.cache.learn(fid, r.attr, None, promise);
-        self.cache.update(fid, |n| n.target = Some(target.clone()));
-        Ok(target)
+        match self.remote_blocking(self.client.fetch(FetchReq { fid, inline_max: 8192 })) {
+            Ok(r) => {
+                let target = String::from_utf8(r.data).map_err(|_| errno(libc::EIO, "symlink target is not UTF-8"))?;
+                let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
+                self.cache.learn(fid, r.attr, None, promise);
+                self.cache.update(fid, |n| n.target = Some(target.clone()));
+                Ok(target)
+            }
+            Err(VenusError::Offline) => {
+                self.cache.view(fid, |n| n.target.clone()).flatten().ok_or_else(|| self.not_cached(fid, "symlink"))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub fn statfs(&self) -> Result<FsStats> {
-        Ok(self.rt.block_on(self.client.statfs(StatFsReq {}))?)
+        match self.remote_blocking(self.client.statfs(StatFsReq {})) {
+            Ok(s) => {
+                *self.last_statfs.lock().unwrap() = Some(s.clone());
+                Ok(s)
+            }
+            Err(VenusError::Offline) => Ok(self.last_statfs.lock().unwrap().clone().unwrap_or(FsStats {
+                blocks: 0,
+                bfree: 0,
+                bavail: 0,
+                files: 0,
+                ffree: 0,
+                bsize: 4096,
+                namelen: 255,
+            })),
+            Err(e) => Err(e),
+        }
     }
 
     // ---- open, close, store ----------------------------------------------------------
 
     /// Makes sure the container holds the current content of `fid`
-    /// (fetching it whole if needed); returns the node.
+    /// (fetching it whole if needed); returns the node. Offline, whatever is
+    /// cached is used.
     async fn ensure_content(&self, fid: Fid, truncate: bool) -> Result<Node> {
-        if let Some(n) = self.cache.get(fid) {
-            if n.current() && (n.cached || n.dirty) {
-                self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(n);
-            }
+        let usable = |n: &Node| (n.cached || n.dirty) && (n.current() || n.dirty || fid.is_local());
+        if let Some(n) = self.cache.get(fid).filter(usable) {
+            self.counters.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(n);
         }
         let _g = self.stripe(fid).lock().await;
-        if let Some(n) = self.cache.get(fid) {
-            if n.current() && (n.cached || n.dirty) {
-                return Ok(n);
-            }
-            if n.dirty {
-                // Local changes not yet stored: they are the newest content
-                // this client has; never replace them with a fetch.
-                return Ok(n);
-            }
+        if let Some(n) = self.cache.get(fid).filter(usable) {
+            return Ok(n);
+        }
+        if !self.link.is_connected() {
+            return match self.cache.get(fid) {
+                Some(n) if n.cached => Ok(n),
+                // O_TRUNC needs no old content: an empty container will do.
+                Some(n) if truncate && n.attr.kind == FileKind::File => {
+                    File::create(self.cache.container_path(fid))?;
+                    // Dirty: the server still has the old content.
+                    self.cache.update(fid, |n| {
+                        n.cached = true;
+                        n.dirty = true;
+                        n.clean = None;
+                    });
+                    self.cache.set_size(fid, 0);
+                    Ok(Node { cached: true, dirty: true, clean: None, ..n })
+                }
+                _ => Err(self.not_cached(fid, "file")),
+            };
         }
         let gen = self.gen(fid);
         let tmp = self.cache.temp_path(fid);
         let file = Arc::new(std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&tmp)?);
         let result = if truncate {
             // O_TRUNC: the old content does not matter, only its version.
-            self.client.getattr(GetAttrReq { fid }).await.map(|r| (r.attr, r.promise))
+            self.remote(self.client.getattr(GetAttrReq { fid })).await.map(|r| (r.attr, r.promise))
         } else {
             self.counters.fetches.fetch_add(1, Ordering::Relaxed);
             let started = std::time::Instant::now();
-            let r = fetch_to_file(&self.client, fid, file.clone()).await.map(|r| (r.attr, r.promise));
+            let r = self.remote(fetch_to_file(&self.client, fid, file.clone())).await.map(|r| (r.attr, r.promise));
             if let Ok((a, _)) = &r {
                 tracing::debug!(%fid, bytes = a.size, elapsed = ?started.elapsed(), "fetched");
             }
@@ -304,7 +464,13 @@ impl Venus {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                return Err(e.into());
+                if matches!(e, VenusError::Offline) {
+                    if let Some(n) = self.cache.get(fid).filter(|n| n.cached) {
+                        return Ok(n);
+                    }
+                    return Err(self.not_cached(fid, "file"));
+                }
+                return Err(e);
             }
         };
         if attr.kind != FileKind::File {
@@ -318,8 +484,10 @@ impl Venus {
         self.cache.learn(fid, attr, None, promise);
         self.cache.update(fid, |n| {
             n.cached = true;
-            n.dirty = false;
-            n.clean = Some(ContainerStamp::of(&meta));
+            // After O_TRUNC the (empty) container differs from the server's
+            // content until stored.
+            n.dirty = truncate;
+            n.clean = if truncate { None } else { Some(ContainerStamp::of(&meta)) };
         });
         self.cache.set_size(fid, meta.len());
         self.cache.touch(fid);
@@ -329,6 +497,7 @@ impl Venus {
 
     /// Opens `fid`; returns the handle and the shared state (for passthrough).
     pub fn open(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
+        let fid = self.resolve(fid);
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let truncate = write && flags & libc::O_TRUNC != 0;
@@ -355,7 +524,7 @@ impl Venus {
                         node.clean.unwrap_or_else(|| ContainerStamp::of(&meta))
                     };
                     let s = Arc::new(Shared {
-                        fid,
+                        fid: Mutex::new(fid),
                         file: Arc::new(file),
                         base: Mutex::new(node.attr.version.clone()),
                         synced: Mutex::new(synced),
@@ -366,17 +535,12 @@ impl Venus {
                 }
             }
         };
-        if truncate {
+        if truncate && shared.file.metadata()?.len() > 0 {
             shared.file.set_len(0)?;
-            self.mark_dirty(fid);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, OpenFile { shared: shared.clone(), write });
         Ok((fh, shared))
-    }
-
-    fn mark_dirty(&self, fid: Fid) {
-        self.cache.update(fid, |n| n.dirty = true);
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Shared>> {
@@ -389,31 +553,41 @@ impl Venus {
     }
 
     /// Stores the file if its container changed since it was last in step
-    /// with the server. Returns once the server has it (AFS close semantics).
+    /// with the server. Returns once the server has it (AFS close semantics),
+    /// or once the change is in the log when disconnected.
     pub fn flush(&self, fh: u64) -> Result<()> {
         let (shared, write) = match self.handles.lock().unwrap().get(&fh) {
             Some(h) => (h.shared.clone(), h.write),
             None => return Ok(()),
         };
-        if !write && !self.cache.get(shared.fid).is_some_and(|n| n.dirty) {
+        if !write {
             return Ok(());
         }
         self.rt.block_on(self.store_shared(&shared))
     }
 
-    async fn store_shared(&self, shared: &Shared) -> Result<()> {
-        let fid = shared.fid;
+    pub(crate) async fn store_shared(&self, shared: &Shared) -> Result<()> {
+        let fid = self.resolve(shared.fid());
         let _g = self.stripe(fid).lock().await;
         let meta = shared.file.metadata()?;
         let now = ContainerStamp::of(&meta);
-        if *shared.synced.lock().unwrap() == now && !self.cache.get(fid).is_some_and(|n| n.dirty) {
+        let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
+        if *shared.synced.lock().unwrap() == now && !(dirty && self.link.is_connected() && self.cml.is_empty()) {
             return Ok(());
         }
-        self.mark_dirty(fid);
         let base = shared.base.lock().unwrap().clone();
-        let mtime = Some(now.mtime);
+        self.cache.update(fid, |n| n.dirty = true);
+        if fid.is_local() || !self.link.is_connected() || !self.cml.is_empty() {
+            // Offline (or the log still holds older changes, which must go
+            // first): the change goes to the log.
+            return self.log_store(fid, shared, now, base, None);
+        }
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
-        match store_from_file(&self.client, fid, base, shared.file.clone(), mtime, None).await {
+        let seq = self.client.allocate_sequence();
+        let mtime = Some(now.mtime);
+        let result =
+            common::rpc::store_with_seq(&self.client, seq, fid, base.clone(), shared.file.clone(), mtime, None).await;
+        match result {
             Ok(reply) => {
                 let after = ContainerStamp::of(&shared.file.metadata()?);
                 *shared.base.lock().unwrap() = reply.attr.version.clone();
@@ -438,38 +612,49 @@ impl Venus {
                 Ok(())
             }
             Err(e) if e.is_transport() => {
-                // The content is safe in the container and marked dirty;
-                // the background retrier stores it when the server is back.
-                tracing::warn!(%fid, path = %self.cache.path_of(fid), "store deferred, server unreachable: {e}");
-                let _ = self.cache.flush();
-                Ok(())
+                // The server may or may not have it: the log resends it under
+                // the same transaction id, so it runs at most once.
+                self.link.lost(format!("a store failed: {e}"));
+                self.log_store(fid, shared, now, base, Some(seq))
             }
             Err(RpcError::Fs(FsError::Conflict(server))) => {
-                let saved = self.save_conflict_copy(shared)?;
-                tracing::error!(%fid, path = %self.cache.path_of(fid), server_version = %server.version,
-                    "store conflict: the file changed on the server; local content kept in {}", saved.display());
-                self.cache.update(fid, |n| {
-                    n.dirty = false;
-                    n.cached = false;
-                    n.valid = false;
-                });
-                Err(FsError::Conflict(server).into())
+                let path = self.cache.path_of(fid);
+                self.conflict_from_store(
+                    fid,
+                    &path,
+                    shared.file.as_ref(),
+                    Some(*server),
+                    "the file changed on the server",
+                )?;
+                Err(errno(libc::EIO, "store conflict: both versions kept (see venus conflicts list)"))
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Keeps a copy of local content the server refused, so nothing is lost.
-    fn save_conflict_copy(&self, shared: &Shared) -> Result<std::path::PathBuf> {
-        let dir = self.cache.dir.join("conflicts");
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(format!("{}-{}", shared.fid.0, now_secs()));
-        let mut out = File::create(&path)?;
-        let mut src = shared.file.as_ref();
-        std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-        std::io::copy(&mut src, &mut out)?;
-        out.sync_all()?;
-        Ok(path)
+    /// Puts a store in the log; the container (fsynced) holds its content.
+    fn log_store(
+        &self,
+        fid: Fid,
+        shared: &Shared,
+        now: ContainerStamp,
+        base: VersionVector,
+        seq: Option<u64>,
+    ) -> Result<()> {
+        shared.file.sync_all()?;
+        if let Some(s) = seq {
+            self.client.hold(s);
+        }
+        self.cml.append(CmlOp::Store { fid, base, mode: None }, seq)?;
+        *shared.synced.lock().unwrap() = now;
+        self.cache.update(fid, |n| {
+            n.dirty = true;
+            n.attr.size = now.size;
+            n.attr.mtime = now.mtime;
+        });
+        self.cache.set_size(fid, now.size);
+        self.cache.flush()?;
+        Ok(())
     }
 
     pub fn fsync(&self, fh: u64) -> Result<()> {
@@ -480,16 +665,20 @@ impl Venus {
 
     pub fn release(&self, fh: u64) -> Result<()> {
         let Some(h) = self.handles.lock().unwrap().remove(&fh) else { return Ok(()) };
-        let fid = h.shared.fid;
+        let fid = h.shared.fid();
         let result = if h.write { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
         let mut opened = self.opened.lock().unwrap();
-        if let Some((count, _)) = opened.get_mut(&fid) {
-            *count -= 1;
-            if *count == 0 {
-                opened.remove(&fid);
+        for key in [fid, self.resolve(fid)] {
+            if let Some((count, _)) = opened.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    opened.remove(&key);
+                }
+                break;
             }
         }
         drop(opened);
+        let fid = self.resolve(fid);
         if !self.cache.contains(fid) {
             // Removed while open: the container goes now.
             let _ = std::fs::remove_file(self.cache.container_path(fid));
@@ -523,8 +712,15 @@ impl Venus {
 
     // ---- namespace changes ---------------------------------------------------------
 
-    fn after_dir_change(&self, dir: Fid, dir_attr: Attr, add: Option<(&str, Fid, FileKind)>, remove: Option<&str>) {
-        let keep_valid = self.cache.get(dir).is_some_and(|n| n.current());
+    pub(crate) fn after_dir_change(
+        &self,
+        dir: Fid,
+        dir_attr: Option<Attr>,
+        add: Option<(&str, Fid, FileKind)>,
+        remove: Option<&str>,
+    ) {
+        let keep_valid =
+            self.cache.get(dir).is_some_and(|n| n.current() || !self.link.is_connected() || dir.is_local());
         self.cache.update(dir, |n| {
             if let Some(entries) = n.entries.as_mut() {
                 if let Some(name) = remove {
@@ -534,7 +730,9 @@ impl Venus {
                     entries.insert(name.to_string(), (fid, kind));
                 }
             }
-            n.attr = dir_attr;
+            if let Some(a) = dir_attr {
+                n.attr = a;
+            }
             if !keep_valid {
                 n.entries = None;
             }
@@ -548,86 +746,175 @@ impl Venus {
 
     fn learn_new(&self, dir: Fid, name: &str, e: &NewEntry) {
         self.cache.learn(e.attr.fid, e.attr.clone(), Some((dir, name.to_string())), promise_exp(e.promise));
-        self.after_dir_change(dir, e.dir.clone(), Some((name, e.attr.fid, e.attr.kind)), None);
+        self.after_dir_change(dir, Some(e.dir.clone()), Some((name, e.attr.fid, e.attr.kind)), None);
+    }
+
+    /// Runs a mutation on the server under a fresh transaction id; on a
+    /// transport failure returns that id so the offline path can log the
+    /// change under it (the server may already have run it).
+    pub(crate) fn mutate<'a, T>(
+        &'a self,
+        f: impl FnOnce(u64) -> CallFuture<'a>,
+        unwrap: impl FnOnce(Reply) -> Option<T>,
+    ) -> std::result::Result<T, Mutation> {
+        if !self.link.is_connected() || !self.cml.is_empty() {
+            return Err(Mutation::Offline(None));
+        }
+        let seq = self.client.allocate_sequence();
+        match self.rt.block_on(f(seq)) {
+            Ok(r) => unwrap(r).ok_or(Mutation::Failed(errno(libc::EIO, "reply of the wrong kind"))),
+            Err(e) if e.is_transport() => {
+                self.link.lost(format!("a request failed: {e}"));
+                Err(Mutation::Offline(Some(seq)))
+            }
+            Err(e) => Err(Mutation::Failed(e.into())),
+        }
+    }
+
+    fn call(&self, seq: u64, req: Request) -> CallFuture<'_> {
+        Box::pin(self.client.call_with_seq(seq, req))
     }
 
     /// Creates and opens a file.
     pub fn create(&self, dir: Fid, name: &std::ffi::OsStr, mode: u32, flags: i32) -> Result<(Attr, u64, Arc<Shared>)> {
+        let dir = self.resolve(dir);
         let name = name_str(name)?;
+        common::error::validate_name(name)?;
         let exclusive = flags & libc::O_EXCL != 0;
-        let e = self.rt.block_on(self.client.create(CreateReq {
-            dir,
-            name: name.to_string(),
-            mode: mode & 0o7777,
-            exclusive,
-        }))?;
-        let fid = e.attr.fid;
-        self.learn_new(dir, name, &e);
-        if e.attr.size == 0 && !self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) {
-            // A new, empty file: its content is known without a fetch.
-            let path = self.cache.container_path(fid);
-            let f = File::create(&path)?;
-            let meta = f.metadata()?;
-            self.cache.update(fid, |n| {
-                n.cached = true;
-                n.clean = Some(ContainerStamp::of(&meta));
-            });
-            self.cache.set_size(fid, 0);
-        }
+        let req = CreateReq { dir, name: name.to_string(), mode: mode & 0o7777, exclusive };
+        let fid = match self.mutate(
+            |seq| self.call(seq, Request::Create(req.clone())),
+            |r| match r {
+                Reply::Create(e) => Some(e),
+                _ => None,
+            },
+        ) {
+            Ok(e) => {
+                let fid = e.attr.fid;
+                self.learn_new(dir, name, &e);
+                if e.attr.size == 0 && !self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) {
+                    // A new, empty file: its content is known without a fetch.
+                    let f = File::create(self.cache.container_path(fid))?;
+                    let meta = f.metadata()?;
+                    self.cache.update(fid, |n| {
+                        n.cached = true;
+                        n.clean = Some(ContainerStamp::of(&meta));
+                    });
+                    self.cache.set_size(fid, 0);
+                }
+                fid
+            }
+            Err(Mutation::Offline(seq)) => self.offline_create(dir, name, mode & 0o7777, exclusive, seq)?,
+            Err(Mutation::Failed(e)) => return Err(e),
+        };
         let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
-        let n = self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
-        Ok((self.visible_attr(&n), fh, shared))
+        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
+        Ok((attr, fh, shared))
     }
 
     pub fn mkdir(&self, dir: Fid, name: &std::ffi::OsStr, mode: u32) -> Result<Attr> {
+        let dir = self.resolve(dir);
         let name = name_str(name)?;
-        let e = self.rt.block_on(self.client.mkdir(MkdirReq { dir, name: name.to_string(), mode: mode & 0o7777 }))?;
-        self.learn_new(dir, name, &e);
-        self.cache.update(e.attr.fid, |n| n.entries = Some(BTreeMap::new()));
-        Ok(e.attr)
+        common::error::validate_name(name)?;
+        let req = MkdirReq { dir, name: name.to_string(), mode: mode & 0o7777 };
+        match self.mutate(
+            |seq| self.call(seq, Request::Mkdir(req.clone())),
+            |r| match r {
+                Reply::Mkdir(e) => Some(e),
+                _ => None,
+            },
+        ) {
+            Ok(e) => {
+                self.learn_new(dir, name, &e);
+                self.cache.update(e.attr.fid, |n| n.entries = Some(BTreeMap::new()));
+                Ok(e.attr)
+            }
+            Err(Mutation::Offline(seq)) => self.offline_mkdir(dir, name, mode & 0o7777, seq),
+            Err(Mutation::Failed(e)) => Err(e),
+        }
     }
 
     pub fn symlink(&self, dir: Fid, name: &std::ffi::OsStr, target: &std::path::Path) -> Result<Attr> {
+        let dir = self.resolve(dir);
         let name = name_str(name)?;
+        common::error::validate_name(name)?;
         let target = target.to_str().ok_or_else(|| errno(libc::EINVAL, "targets must be UTF-8"))?.to_string();
-        let e = self.rt.block_on(self.client.symlink(SymlinkReq {
-            dir,
-            name: name.to_string(),
-            target: target.clone(),
-        }))?;
-        self.learn_new(dir, name, &e);
-        self.cache.update(e.attr.fid, |n| n.target = Some(target));
-        Ok(e.attr)
+        let req = SymlinkReq { dir, name: name.to_string(), target: target.clone() };
+        match self.mutate(
+            |seq| self.call(seq, Request::Symlink(req.clone())),
+            |r| match r {
+                Reply::Symlink(e) => Some(e),
+                _ => None,
+            },
+        ) {
+            Ok(e) => {
+                self.learn_new(dir, name, &e);
+                self.cache.update(e.attr.fid, |n| n.target = Some(target));
+                Ok(e.attr)
+            }
+            Err(Mutation::Offline(seq)) => self.offline_symlink(dir, name, &target, seq),
+            Err(Mutation::Failed(e)) => Err(e),
+        }
     }
 
     pub fn link(&self, fid: Fid, dir: Fid, name: &std::ffi::OsStr) -> Result<Attr> {
+        let (fid, dir) = (self.resolve(fid), self.resolve(dir));
         let name = name_str(name)?;
-        let e = self.rt.block_on(self.client.link(LinkReq { fid, dir, name: name.to_string() }))?;
-        self.learn_new(dir, name, &e);
-        Ok(e.attr)
+        common::error::validate_name(name)?;
+        let req = LinkReq { fid, dir, name: name.to_string() };
+        match self.mutate(
+            |seq| self.call(seq, Request::Link(req.clone())),
+            |r| match r {
+                Reply::Link(e) => Some(e),
+                _ => None,
+            },
+        ) {
+            Ok(e) => {
+                self.learn_new(dir, name, &e);
+                Ok(e.attr)
+            }
+            Err(Mutation::Offline(seq)) => self.offline_link(fid, dir, name, seq),
+            Err(Mutation::Failed(e)) => Err(e),
+        }
     }
 
     pub fn unlink(&self, dir: Fid, name: &std::ffi::OsStr, is_dir: bool) -> Result<()> {
+        let dir = self.resolve(dir);
         let name = name_str(name)?;
-        let victim = self.listing(dir).ok().and_then(|e| e.get(name).map(|(f, _)| *f));
-        let r = if is_dir {
-            self.rt.block_on(self.client.rmdir(RmdirReq { dir, name: name.to_string() }))?
+        let victim = self.listing(dir).ok().and_then(|e| e.get(name).map(|(f, _)| self.resolve(*f)));
+        let req = if is_dir {
+            Request::Rmdir(RmdirReq { dir, name: name.to_string() })
         } else {
-            self.rt.block_on(self.client.remove(RemoveReq { dir, name: name.to_string(), base: None }))?
+            Request::Remove(RemoveReq { dir, name: name.to_string(), base: None })
         };
-        self.after_dir_change(dir, r.dir, None, Some(name));
-        if let Some(fid) = victim {
-            self.forget_object(fid);
+        match self.mutate(
+            |seq| self.call(seq, req.clone()),
+            |r| match r {
+                Reply::Remove(d) | Reply::Rmdir(d) => Some(d),
+                _ => None,
+            },
+        ) {
+            Ok(r) => {
+                self.after_dir_change(dir, Some(r.dir), None, Some(name));
+                if let Some(fid) = victim {
+                    self.forget_object(fid);
+                }
+                Ok(())
+            }
+            Err(Mutation::Offline(seq)) => self.offline_unlink(dir, name, is_dir, seq),
+            Err(Mutation::Failed(e)) => Err(e),
         }
-        Ok(())
     }
 
     /// An object lost a name: other names may remain (hard links), so its
     /// attributes are stale; if nothing holds it open, its cache goes.
-    fn forget_object(&self, fid: Fid) {
+    pub(crate) fn forget_object(&self, fid: Fid) {
         let nlink = self.cache.get(fid).map(|n| n.attr.nlink).unwrap_or(1);
         if nlink > 1 || self.is_open(fid) {
-            self.cache.update(fid, |n| n.valid = false);
+            self.cache.update(fid, |n| {
+                n.valid = false;
+                n.attr.nlink = n.attr.nlink.saturating_sub(1);
+            });
         } else {
             self.cache.remove(fid);
         }
@@ -641,40 +928,66 @@ impl Venus {
         to_name: &std::ffi::OsStr,
         flags: u32,
     ) -> Result<()> {
+        let (dir, to_dir) = (self.resolve(dir), self.resolve(to_dir));
         let (name, to_name) = (name_str(name)?, name_str(to_name)?);
+        common::error::validate_name(to_name)?;
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(errno(libc::EINVAL, "RENAME_EXCHANGE is not supported"));
         }
-        let replaced = self.listing(to_dir).ok().and_then(|e| e.get(to_name).map(|(f, _)| *f));
-        let r = self.rt.block_on(self.client.rename(RenameReq {
-            from_dir: dir,
-            from_name: name.to_string(),
-            to_dir,
-            to_name: to_name.to_string(),
-            no_replace: flags & libc::RENAME_NOREPLACE != 0,
-        }))?;
-        let moved = r.moved.fid;
-        if let Some(t) = replaced.filter(|t| *t != moved) {
-            self.forget_object(t);
+        let no_replace = flags & libc::RENAME_NOREPLACE != 0;
+        let replaced = self.listing(to_dir).ok().and_then(|e| e.get(to_name).map(|(f, _)| self.resolve(*f)));
+        let req =
+            RenameReq { from_dir: dir, from_name: name.to_string(), to_dir, to_name: to_name.to_string(), no_replace };
+        match self.mutate(
+            |seq| self.call(seq, Request::Rename(req.clone())),
+            |r| match r {
+                Reply::Rename(r) => Some(r),
+                _ => None,
+            },
+        ) {
+            Ok(r) => {
+                let moved = r.moved.fid;
+                if let Some(t) = replaced.filter(|t| *t != moved) {
+                    self.forget_object(t);
+                }
+                self.after_dir_change(dir, Some(r.from_dir), None, Some(name));
+                self.after_dir_change(to_dir, Some(r.to_dir), Some((to_name, moved, r.moved.kind)), None);
+                let keep = self.cache.get(moved).is_some_and(|n| n.current());
+                self.cache.learn(moved, r.moved, Some((to_dir, to_name.to_string())), None);
+                if !keep {
+                    self.cache.update(moved, |n| n.valid = false);
+                }
+                Ok(())
+            }
+            Err(Mutation::Offline(seq)) => self.offline_rename(dir, name, to_dir, to_name, no_replace, seq),
+            Err(Mutation::Failed(e)) => Err(e),
         }
-        self.after_dir_change(dir, r.from_dir, None, Some(name));
-        self.after_dir_change(to_dir, r.to_dir, Some((to_name, moved, r.moved.kind)), None);
-        let keep = self.cache.get(moved).is_some_and(|n| n.current());
-        self.cache.learn(moved, r.moved, Some((to_dir, to_name.to_string())), None);
-        if !keep {
-            self.cache.update(moved, |n| n.valid = false);
-        }
-        Ok(())
     }
 
     pub fn setattr(&self, fid: Fid, set: SetAttr, fh: Option<u64>) -> Result<(Attr, Duration)> {
+        let fid = self.resolve(fid);
         let open = fh
             .and_then(|fh| self.handle(fh).ok())
             .or_else(|| self.opened.lock().unwrap().get(&fid).map(|(_, s)| s.clone()));
-        let r = self.rt.block_on(async {
-            let _g = self.stripe(fid).lock().await;
-            self.client.setattr(SetAttrReq { fid, set: set.clone(), base: None }).await
-        })?;
+        let req = SetAttrReq { fid, set: set.clone(), base: None };
+        let reply = {
+            let _g = self.rt.block_on(self.stripe(fid).lock());
+            self.mutate(
+                |seq| self.call(seq, Request::SetAttr(req.clone())),
+                |r| match r {
+                    Reply::SetAttr(e) => Some(e),
+                    _ => None,
+                },
+            )
+        };
+        let reply = match reply {
+            Ok(r) => Some(r),
+            Err(Mutation::Offline(seq)) => {
+                self.offline_setattr(fid, &set, seq)?;
+                None
+            }
+            Err(Mutation::Failed(e)) => return Err(e),
+        };
         // Apply the same change to the local copy, so a later store agrees.
         let container = match &open {
             Some(s) => Some(s.file.clone()),
@@ -698,27 +1011,30 @@ impl Venus {
                 f.set_times(t)?;
             }
             let stamp = ContainerStamp::of(&f.metadata()?);
-            if let Some(s) = &open {
+            let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
+            if let (Some(s), Some(r)) = (&open, &reply) {
                 *s.base.lock().unwrap() = r.attr.version.clone();
+            }
+            if let Some(s) = &open {
                 let mut synced = s.synced.lock().unwrap();
                 if *synced != ContainerStamp::default() {
                     *synced = stamp;
                 }
             }
-            let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
-            self.cache.learn(fid, r.attr.clone(), None, promise_exp(r.promise));
+            if let Some(r) = &reply {
+                self.cache.learn(fid, r.attr.clone(), None, promise_exp(r.promise));
+            }
             self.cache.update(fid, |n| {
                 n.cached = true;
-                if !dirty {
+                if !dirty && reply.is_some() {
                     n.clean = Some(stamp);
                 }
             });
             self.cache.set_size(fid, stamp.size);
-        } else {
+        } else if let Some(r) = &reply {
             self.cache.learn(fid, r.attr.clone(), None, promise_exp(r.promise));
         }
-        let n = self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
-        Ok((self.visible_attr(&n), self.ttl(&n)))
+        self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))
     }
 
     // ---- callbacks and cache maintenance -----------------------------------------------
@@ -737,7 +1053,12 @@ impl Venus {
                 .cache
                 .update(fid, |n| {
                     n.valid = false;
-                    n.entries.take().map(|e| e.into_keys().collect()).unwrap_or_default()
+                    // Offline edits live in the listing until reintegrated.
+                    if n.entries.is_some() && self.cml.is_empty() {
+                        n.entries.take().map(|e| e.into_keys().collect()).unwrap_or_default()
+                    } else {
+                        n.entries.as_ref().map(|e| e.keys().cloned().collect()).unwrap_or_default()
+                    }
                 })
                 .unwrap_or_default();
             let negs = self.negatives.lock().unwrap().remove(&fid).unwrap_or_default();
@@ -759,12 +1080,15 @@ impl Venus {
     /// Everything may be stale: validate the whole cache in one call.
     pub async fn revalidate_all(&self) -> Result<(usize, usize)> {
         let nodes = self.cache.all();
-        let items: Vec<(Fid, VersionVector)> =
-            nodes.iter().filter(|(_, n)| !n.dirty).map(|(f, n)| (*f, n.attr.version.clone())).collect();
+        let items: Vec<(Fid, VersionVector)> = nodes
+            .iter()
+            .filter(|(f, n)| !n.dirty && !f.is_local())
+            .map(|(f, n)| (*f, n.attr.version.clone()))
+            .collect();
         let mut current = 0;
         let mut stale = Vec::new();
         for chunk in items.chunks(50_000) {
-            let r = self.client.validate(ValidateReq { items: chunk.to_vec() }).await?;
+            let r = self.remote(self.client.validate(ValidateReq { items: chunk.to_vec() })).await?;
             for ((fid, _), ok) in chunk.iter().zip(r.current) {
                 if ok {
                     current += 1;
@@ -793,18 +1117,23 @@ impl Venus {
             if self.cache.bytes() <= self.cache.limit {
                 break;
             }
-            let _ = std::fs::remove_file(self.cache.container_path(fid));
-            self.cache.drop_size(fid);
-            self.cache.update(fid, |n| {
-                n.cached = false;
-                n.clean = None;
-            });
+            self.drop_container(fid);
             tracing::debug!(%fid, size, "evicted");
         }
     }
 
+    fn drop_container(&self, fid: Fid) {
+        let _ = std::fs::remove_file(self.cache.container_path(fid));
+        self.cache.drop_size(fid);
+        self.cache.update(fid, |n| {
+            n.cached = false;
+            n.clean = None;
+        });
+    }
+
     /// Drops cached content of clean, closed files (all, or under `under`).
     pub fn flush_cache(&self, under: Option<Fid>) -> (usize, u64) {
+        let under = under.map(|f| self.resolve(f));
         let (mut n, mut bytes) = (0, 0);
         for (fid, size) in self.cache.eviction_order(&|f| self.is_open(f)) {
             if let Some(top) = under {
@@ -812,23 +1141,20 @@ impl Venus {
                     continue;
                 }
             }
-            let _ = std::fs::remove_file(self.cache.container_path(fid));
-            self.cache.drop_size(fid);
-            self.cache.update(fid, |n| {
-                n.cached = false;
-                n.clean = None;
-            });
+            self.drop_container(fid);
             n += 1;
             bytes += size;
         }
         (n, bytes)
     }
 
-    /// Stores every dirty file that is not open (retries deferred stores).
+    /// Stores every dirty file that is not open and not in the log (stores
+    /// deferred by a crash of venus); logged ones go with reintegration.
     pub async fn store_dirty(&self) -> usize {
         let mut stored = 0;
+        let logged: HashSet<Fid> = self.cml.records().iter().map(|r| r.op.subject()).collect();
         for (fid, n) in self.cache.all() {
-            if !n.dirty || self.is_open(fid) {
+            if !n.dirty || self.is_open(fid) || logged.contains(&fid) || fid.is_local() {
                 continue;
             }
             let file = match std::fs::OpenOptions::new().read(true).write(true).open(self.cache.container_path(fid)) {
@@ -839,7 +1165,7 @@ impl Venus {
                 }
             };
             let shared = Shared {
-                fid,
+                fid: Mutex::new(fid),
                 file: Arc::new(file),
                 base: Mutex::new(n.attr.version.clone()),
                 synced: Mutex::new(ContainerStamp::default()),
@@ -848,7 +1174,7 @@ impl Venus {
             match self.store_shared(&shared).await {
                 Ok(()) if !self.cache.get(fid).is_some_and(|n| n.dirty) => stored += 1,
                 Ok(()) => {}
-                Err(e) => tracing::warn!(%fid, "retrying a deferred store failed: {e}"),
+                Err(e) => tracing::warn!(%fid, "storing a file left dirty failed: {e}"),
             }
         }
         stored
@@ -857,6 +1183,29 @@ impl Venus {
     pub fn open_handles(&self) -> usize {
         self.handles.lock().unwrap().len()
     }
+
+    /// Every open handle's shared state (for renumbering local fids).
+    pub(crate) fn open_shared(&self) -> Vec<Arc<Shared>> {
+        self.opened.lock().unwrap().values().map(|(_, s)| s.clone()).collect()
+    }
+
+    pub(crate) fn invalidate_kernel_entry(&self, dir: Fid, name: &str) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_entry(fuser::INodeNo(dir.0), std::ffi::OsStr::new(name));
+        }
+    }
+}
+
+/// A request to the server in flight.
+pub(crate) type CallFuture<'a> =
+    std::pin::Pin<Box<dyn Future<Output = std::result::Result<Reply, RpcError>> + Send + 'a>>;
+
+/// Why a mutation did not complete on the server.
+pub(crate) enum Mutation {
+    /// Offline (or went offline): do it locally and log it, under this
+    /// transaction id if one was already tried.
+    Offline(Option<u64>),
+    Failed(VenusError),
 }
 
 impl From<VenusError> for fuser::Errno {

@@ -2,11 +2,17 @@
 //! caching whole files, and answers the CLI on a control socket.
 
 mod cache;
+mod cml;
+mod conflicts;
 mod control;
 mod errors;
 mod fs;
 mod fuse;
+mod link;
 mod mount;
+mod offline;
+mod reintegrate;
+mod repair;
 
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -50,6 +56,48 @@ enum Cmd {
     Cache {
         #[command(subcommand)]
         cmd: CacheCmd,
+    },
+    /// Work offline on purpose (changes are logged).
+    Disconnect {
+        #[arg(long)]
+        cache: PathBuf,
+    },
+    /// Go back online and reintegrate the log (waits until done).
+    Reconnect {
+        #[arg(long)]
+        cache: PathBuf,
+    },
+    /// List, show and resolve conflicts.
+    Conflicts {
+        #[command(subcommand)]
+        cmd: ConflictsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictsCmd {
+    List {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A unified diff for text, sizes and hashes otherwise.
+    Show {
+        #[arg(long)]
+        cache: PathBuf,
+        path: PathBuf,
+    },
+    Resolve {
+        #[arg(long)]
+        cache: PathBuf,
+        path: PathBuf,
+        /// Which version to keep.
+        #[arg(long, value_parser = ["local", "server", "both"], conflicts_with = "use_file")]
+        keep: Option<String>,
+        /// Use this file (a merge) as the result.
+        #[arg(long = "use", value_name = "FILE")]
+        use_file: Option<PathBuf>,
     },
 }
 
@@ -154,10 +202,92 @@ fn cli_command(cmd: Cmd) -> anyhow::Result<()> {
                 let v = control::request(&cache, json!({"cmd": "cache_flush", "fid": fid})).await?;
                 println!("flushed {} files, {} bytes", v["flushed"], v["bytes"]);
             }
+            Cmd::Disconnect { cache } => {
+                control::request(&cache, json!({"cmd": "disconnect"})).await?;
+                println!("disconnected: changes are logged until venus reconnect");
+            }
+            Cmd::Reconnect { cache } => {
+                let v = control::request(&cache, json!({"cmd": "reconnect"})).await?;
+                println!("connected; {} conflict(s)", v["conflicts"]);
+            }
+            Cmd::Conflicts { cmd: ConflictsCmd::List { cache, json } } => {
+                let v = control::request(&cache, json!({"cmd": "conflicts_list"})).await?;
+                if json {
+                    println!("{v}");
+                } else {
+                    for c in v["conflicts"].as_array().into_iter().flatten() {
+                        let side = |s: &serde_json::Value| {
+                            if s["exists"] == true {
+                                format!("{} bytes, mtime {}", s["size"], s["mtime"])
+                            } else {
+                                "none".into()
+                            }
+                        };
+                        println!(
+                            "{}  [{}]  local: {}  server: {}",
+                            c["path"].as_str().unwrap_or("?"),
+                            c["kind"].as_str().unwrap_or("?"),
+                            side(&c["local"]),
+                            side(&c["server"])
+                        );
+                        if let Some(p) = c["local_copy"].as_str() {
+                            println!("    local copy: {p}");
+                        }
+                    }
+                }
+            }
+            Cmd::Conflicts { cmd: ConflictsCmd::Show { cache, path } } => {
+                let v = control::request(&cache, json!({"cmd": "conflicts_show", "path": absolute(&path)?})).await?;
+                println!(
+                    "{} [{}]: {}",
+                    v["path"].as_str().unwrap_or("?"),
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["detail"].as_str().unwrap_or("")
+                );
+                match v["diff"].as_str() {
+                    Some(d) => print!("{d}"),
+                    None => {
+                        println!("local:  {}", v["local"]);
+                        println!("server: {}", v["server"]);
+                    }
+                }
+            }
+            Cmd::Conflicts { cmd: ConflictsCmd::Resolve { cache, path, keep, use_file } } => {
+                let use_file = match use_file {
+                    Some(f) => Some(absolute(&f)?),
+                    None => None,
+                };
+                if keep.is_none() && use_file.is_none() {
+                    anyhow::bail!("say --keep local|server|both or --use FILE");
+                }
+                let v = control::request(
+                    &cache,
+                    json!({"cmd": "conflicts_resolve", "path": absolute(&path)?, "keep": keep, "use": use_file}),
+                )
+                .await?;
+                println!("{}", v["resolved"].as_str().unwrap_or("resolved"));
+            }
             Cmd::Mount { .. } => unreachable!("handled in main"),
         }
         Ok(())
     })
+}
+
+/// An absolute form of a path (without resolving symlinks: the object may
+/// not exist any more).
+fn absolute(p: &Path) -> anyhow::Result<String> {
+    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.to_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("paths must be UTF-8"))
 }
 
 /// The fid of a path inside a mount: venus uses fids as inode numbers.

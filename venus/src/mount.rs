@@ -1,10 +1,12 @@
 //! Running a mount: open the cache, connect, validate what is cached, serve
 //! FUSE until unmounted or signalled, then finish pending stores and leave
-//! the cache marked clean.
+//! the cache marked clean. A keeper task watches the connection: heartbeats
+//! while connected, probes while disconnected, reintegration on return.
 
 use crate::cache::Cache;
 use crate::fs::Venus;
 use crate::fuse::FuseAdapter;
+use crate::link::{Link, State, HEARTBEAT, HEARTBEAT_TIMEOUT, PROBE};
 use anyhow::Context;
 use common::auth::Key;
 use common::proto::{Push, VolumeStamp, VolumeStampReq};
@@ -36,7 +38,7 @@ fn client_identity(cache: &Cache) -> anyhow::Result<(Uuid, u64)> {
             id
         }
     };
-    let hwm = cache.meta_get("seq_hwm").map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
+    let hwm = cache.meta_get("seq_hwm").map(|b| crate::cache::be(&b)).unwrap_or(0);
     cache.meta_put("seq_hwm", &(hwm + SEQ_BLOCK).to_be_bytes())?;
     cache.flush()?;
     Ok((id, hwm))
@@ -52,14 +54,24 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let cache = Cache::open(&opts.cache, opts.cache_size)
         .with_context(|| format!("opening the cache in {}", opts.cache.display()))?;
     let was_clean = cache.meta_get("clean").is_some_and(|v| v == [1]);
+    let forced = cache.meta_get("forced_offline").is_some_and(|v| v == [1]);
     let (client_id, seq_floor) = client_identity(&cache)?;
     let mut cfg = ClientConfig::new(opts.server.clone(), key, client_id);
-    cfg.attempt_timeout = Duration::from_secs(3);
-    cfg.call_timeout = Duration::from_secs(15);
+    // A lost server is noticed within a few seconds.
+    cfg.attempt_timeout = Duration::from_secs(2);
+    cfg.call_timeout = Duration::from_secs(5);
+    cfg.connect_timeout = Duration::from_secs(2);
     cfg.manual_break_acks = true;
     let client = Client::new(cfg);
     client.resume_sequence_after(seq_floor);
-    let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache));
+    let mountpoint = std::fs::canonicalize(&opts.mountpoint).unwrap_or_else(|_| opts.mountpoint.clone());
+    let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache, Link::new(forced), mountpoint)?);
+    // Records sent before a restart keep their replies held on the server.
+    for r in venus.cml.records() {
+        if let Some(s) = r.seq {
+            client.hold(s);
+        }
+    }
     let mut events = client.events();
 
     rt.block_on(startup(&venus, was_clean))?;
@@ -87,12 +99,16 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
                         Err(e) => tracing::warn!("revalidation failed: {e}"),
                     }
                 }
-                ClientEvent::Connected { conn } => tracing::info!(conn, "connected to the server"),
-                ClientEvent::Lost { conn } => tracing::warn!(conn, "connection to the server lost"),
+                ClientEvent::Connected { conn } => tracing::debug!(conn, "connection established"),
+                ClientEvent::Lost { conn } => {
+                    tracing::debug!(conn, "connection lost");
+                    v.link.wake.notify_one();
+                }
             }
         }
     });
-    // Deferred stores, and the sequence-number reservation.
+    rt.spawn(keeper(venus.clone()));
+    // The sequence-number reservation, and stores left dirty by a crash.
     let v = venus.clone();
     rt.spawn(async move {
         let mut hwm = seq_floor + SEQ_BLOCK;
@@ -103,7 +119,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
                 let _ = v.cache.meta_put("seq_hwm", &hwm.to_be_bytes());
                 let _ = v.cache.flush();
             }
-            if v.cache.all().iter().any(|(_, n)| n.dirty) {
+            if v.link.is_connected() && v.cml.is_empty() && v.cache.all().iter().any(|(_, n)| n.dirty) {
                 let n = v.store_dirty().await;
                 if n > 0 {
                     tracing::info!(stored = n, "deferred stores reached the server");
@@ -155,28 +171,29 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     });
     let why = done_rx.recv().unwrap_or("channel closed");
     tracing::info!("{why}: finishing pending stores and unmounting");
-    let pending = rt.block_on(venus.store_dirty());
-    if pending > 0 {
-        tracing::info!(stored = pending, "pending stores finished");
-    }
     if let Err(e) = bg.umount_and_join() {
         tracing::warn!("unmount: {e}");
     }
     rt.block_on(async {
-        // One more pass: files closed during unmount.
-        venus.store_dirty().await;
-        if let Ok(stamp) = venus.client.volume_stamp(VolumeStampReq {}).await {
-            let _ = venus.cache.meta_put("volume_stamp", &rmp_serde::to_vec(&stamp).unwrap_or_default());
+        if venus.link.is_connected() {
+            if !venus.cml.is_empty() {
+                let _ = venus.reintegrate().await;
+            }
+            venus.store_dirty().await;
+            if let Ok(stamp) = venus.remote(venus.client.volume_stamp(VolumeStampReq {})).await {
+                let _ = venus.cache.meta_put("volume_stamp", &rmp_serde::to_vec(&stamp).unwrap_or_default());
+            }
         }
     });
     let dirty = venus.cache.all().iter().filter(|(_, n)| n.dirty).count();
     venus.cache.meta_put("clean", &[1])?;
     venus.cache.flush()?;
     let _ = std::fs::remove_file(&sock);
-    if dirty > 0 {
+    if dirty > 0 || !venus.cml.is_empty() {
         tracing::warn!(
             dirty,
-            "unmounted with stores the server has not got yet; they are kept and sent on the next mount"
+            logged = venus.cml.len(),
+            "unmounted with changes the server has not got yet; they are kept and sent on the next mount"
         );
     }
     tracing::info!("venus stopped");
@@ -185,8 +202,12 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
 
 /// One validation round: if the volume stamp is the one saved at the last
 /// clean unmount nothing changed; otherwise the cached versions are checked
-/// in one batch.
+/// in one batch. Then the log (if any) is reintegrated.
 async fn startup(venus: &Venus, was_clean: bool) -> anyhow::Result<()> {
+    if venus.link.forced() {
+        tracing::info!("starting disconnected, as the user asked (venus reconnect to go online)");
+        return Ok(());
+    }
     match venus.client.volume_stamp(VolumeStampReq {}).await {
         Ok(stamp) => {
             let saved = saved_stamp(&venus.cache);
@@ -196,6 +217,13 @@ async fn startup(venus: &Venus, was_clean: bool) -> anyhow::Result<()> {
                 let (ok, stale) = venus.revalidate_all().await?;
                 tracing::info!(current = ok, stale, "cache validated against the server");
             }
+            if !venus.cml.is_empty() {
+                venus.link.set(State::Reintegrating, "log left from the last run");
+                match venus.reintegrate().await {
+                    Ok(_) => venus.link.set(State::Connected, "reintegration complete"),
+                    Err(e) => venus.link.set(State::Disconnected, format!("reintegration failed: {e}")),
+                }
+            }
             let stored = venus.store_dirty().await;
             if stored > 0 {
                 tracing::info!(stored, "stores left from the last run reached the server");
@@ -203,11 +231,54 @@ async fn startup(venus: &Venus, was_clean: bool) -> anyhow::Result<()> {
         }
         Err(common::rpc::RpcError::Refused(why)) => anyhow::bail!("the server refused this client: {why}"),
         Err(e) => {
-            tracing::warn!("server unreachable at startup ({e}); cached objects will be revalidated when it answers");
+            venus.link.set(State::Disconnected, format!("server unreachable at startup: {e}"));
             venus.cache.invalidate_all();
         }
     }
     Ok(())
+}
+
+/// Watches the connection: a heartbeat while connected; while disconnected
+/// (and not by the user's wish) a probe, then reintegration.
+async fn keeper(v: Arc<Venus>) {
+    loop {
+        match v.link.state() {
+            State::Connected => {
+                let _ = tokio::time::timeout(HEARTBEAT, v.link.wake.notified()).await;
+                if !v.link.is_connected() {
+                    continue;
+                }
+                if let Err(e) = v.client.ping(HEARTBEAT_TIMEOUT).await {
+                    v.link.lost(format!("heartbeat unanswered: {e}"));
+                }
+            }
+            State::Disconnected | State::Reintegrating => {
+                v.client.disconnect().await;
+                if v.link.forced() {
+                    v.link.wake.notified().await;
+                    if v.link.forced() {
+                        continue;
+                    }
+                } else {
+                    let _ = tokio::time::timeout(PROBE, v.link.wake.notified()).await;
+                }
+                if v.link.forced() || v.client.ping(Duration::from_secs(1)).await.is_err() {
+                    continue;
+                }
+                v.link.set(State::Reintegrating, "the server answers again");
+                match v.reintegrate().await {
+                    Ok(_) => {
+                        v.link.set(State::Connected, "reintegration complete");
+                        let n = v.store_dirty().await;
+                        if n > 0 {
+                            tracing::info!(stored = n, "deferred stores reached the server");
+                        }
+                    }
+                    Err(e) => v.link.set(State::Disconnected, format!("reintegration interrupted: {e}")),
+                }
+            }
+        }
+    }
 }
 
 fn is_mounted(mountpoint: &std::path::Path) -> bool {

@@ -88,6 +88,37 @@ pub async fn store_from_file(
     mtime: Option<Timestamp>,
     mode: Option<u32>,
 ) -> Result<EntryReply, RpcError> {
+    store_with_seq(client, client.allocate_sequence(), fid, base, src, mtime, mode).await
+}
+
+/// Stores under a given transaction id (see [`Client::call_with_seq`]): a
+/// retry after a failure reuses it, so the store runs at most once.
+pub async fn store_with_seq(
+    client: &Client,
+    seq: u64,
+    fid: Fid,
+    base: VersionVector,
+    src: Arc<File>,
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+) -> Result<EntryReply, RpcError> {
+    let req = store_request(client, fid, base, src, mtime, mode).await?;
+    match client.call_with_seq(seq, Request::Store(req)).await? {
+        Reply::Store(r) => Ok(r),
+        _ => Err(RpcError::Protocol("reply of the wrong kind to a store".into())),
+    }
+}
+
+/// Builds a store request: small content inline, large content staged on
+/// the server first (staging is idempotent and needs no transaction id).
+pub async fn store_request(
+    client: &Client,
+    fid: Fid,
+    base: VersionVector,
+    src: Arc<File>,
+    mtime: Option<Timestamp>,
+    mode: Option<u32>,
+) -> Result<StoreReq, RpcError> {
     let size = src.metadata().map_err(io_err)?.len();
     let data = if size <= CHUNK_SIZE as u64 {
         let mut buf = vec![0u8; size as usize];
@@ -101,7 +132,7 @@ pub async fn store_from_file(
         }
         StoreData::Staged(handle)
     };
-    client.store(StoreReq { fid, base, size, data, mtime, mode }).await
+    Ok(StoreReq { fid, base, size, data, mtime, mode })
 }
 
 async fn stage_all(client: &Client, handle: u64, size: u64, src: &Arc<File>) -> Result<(), RpcError> {

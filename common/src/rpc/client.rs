@@ -181,6 +181,17 @@ impl Client {
         self.inner.next_seq.fetch_add(1, Ordering::SeqCst)
     }
 
+    /// Keeps the cumulative ack below `seq` until [`Client::unhold`]: the
+    /// server must keep the reply of a batched record until the client has
+    /// recorded its outcome, even across a client restart.
+    pub fn hold(&self, seq: u64) {
+        self.inner.outstanding.lock().unwrap().insert(seq);
+    }
+
+    pub fn unhold(&self, seq: u64) {
+        self.inner.outstanding.lock().unwrap().remove(&seq);
+    }
+
     /// Subscribes to connection events and callback breaks. Only the latest
     /// subscriber receives them.
     pub fn events(&self) -> mpsc::UnboundedReceiver<ClientEvent> {

@@ -6,6 +6,6 @@ mod client;
 mod outbox;
 mod server;
 
-pub use bulk::{fetch_to_file, store_from_file, FETCH_WINDOW};
+pub use bulk::{fetch_to_file, store_from_file, store_request, store_with_seq, FETCH_WINDOW};
 pub use client::{Client, ClientConfig, ClientEvent, RpcError};
 pub use server::{BreakOutcome, Hooks, Pusher, RpcServer};

@@ -1,0 +1,508 @@
+//! Reintegration: replaying the modification log on the server.
+//!
+//! Records go in order, in batches (one `reintegrate` call carries up to a
+//! thousand records or 2 MiB of inline data). Each record has its own
+//! transaction id, assigned and persisted before it is first sent, so a
+//! reintegration cut short by a crash of either side, or of the network, is
+//! simply resumed: what the server already ran is answered from its reply
+//! cache and runs once. Records the server refuses become conflicts with both
+//! versions kept; everything else goes through.
+
+use crate::cache::ContainerStamp;
+use crate::cml::{CmlOp, Record};
+use crate::conflicts::{Conflict, ConflictKind, Side};
+use crate::errors::Result;
+use crate::fs::{promise_exp, Venus};
+use common::proto::*;
+use common::rpc::store_request;
+use common::{Attr, Fid, FsError, VersionVector};
+use std::collections::HashSet;
+use std::fs::File;
+use std::sync::Arc;
+
+const BATCH_RECORDS: usize = 1000;
+const BATCH_BYTES: usize = 2 << 20;
+
+/// What a reintegration did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub applied: usize,
+    pub conflicts: usize,
+}
+
+impl Venus {
+    /// Replays the whole log; new records logged meanwhile are replayed too.
+    /// Fails with `Offline` if the server goes away (the rest stays logged).
+    pub async fn reintegrate(&self) -> Result<Summary> {
+        let mut summary = Summary::default();
+        let total = self.cml.len();
+        if total > 0 {
+            tracing::info!(records = total, "reintegrating the modification log");
+        }
+        let mut touched_dirs = HashSet::new();
+        let mut retries = 0;
+        loop {
+            let records = self.cml.records();
+            if records.is_empty() {
+                break;
+            }
+            let mut batch = Vec::new();
+            let mut sent = Vec::new();
+            let mut bytes = 0;
+            for rec in records {
+                if batch.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
+                    break;
+                }
+                let (req, creates, payload) = self.request_for(&rec).await?;
+                let seq = match rec.seq {
+                    Some(s) => s,
+                    None => {
+                        let s = self.client.allocate_sequence();
+                        self.client.hold(s);
+                        self.cml.assign_seq(rec.id, s)?;
+                        s
+                    }
+                };
+                bytes += payload;
+                batch.push(ReintegrateRecord { seq, creates, req });
+                sent.push(Record { seq: Some(seq), ..rec });
+            }
+            self.cache.flush()?;
+            let reply = self.remote(self.client.reintegrate(ReintegrateReq { records: batch })).await?;
+            let mut failed_locals: HashSet<Fid> = HashSet::new();
+            let mut merged_locals: HashSet<Fid> = HashSet::new();
+            let mut kept = 0;
+            for (rec, result) in sent.iter().zip(reply.results) {
+                if rec.op.fids().iter().any(|f| failed_locals.contains(f)) {
+                    // Its object's creation became a conflict, which kept its content.
+                    self.finish(rec)?;
+                    continue;
+                }
+                if rec.op.fids().iter().any(|f| merged_locals.contains(f)) {
+                    // Names a directory merged into an existing one: resend with its fid.
+                    kept += 1;
+                    continue;
+                }
+                match result {
+                    Ok(reply) => {
+                        self.applied(rec, reply)?;
+                        summary.applied += 1;
+                        self.finish(rec)?;
+                    }
+                    Err(FsError::Stale) if matches!(rec.op, CmlOp::Store { .. }) && retries < 3 => {
+                        // Staged data lost to a server restart: stage again.
+                        kept += 1;
+                    }
+                    Err(e) => {
+                        match self.refused(rec, e, &mut touched_dirs).await? {
+                            Refusal::Conflict => summary.conflicts += 1,
+                            Refusal::Merged(local) => {
+                                merged_locals.insert(local);
+                                summary.applied += 1;
+                            }
+                            Refusal::Harmless => summary.applied += 1,
+                            Refusal::CreateFailed(local) => {
+                                failed_locals.insert(local);
+                                summary.conflicts += 1;
+                            }
+                        }
+                        self.finish(rec)?;
+                    }
+                }
+            }
+            if kept > 0 {
+                retries += 1;
+                if retries > 5 {
+                    return Err(crate::errors::errno(libc::EIO, "reintegration keeps failing on the same records"));
+                }
+            }
+            self.cache.flush()?;
+            let left = self.cml.len();
+            if total > 200 {
+                tracing::info!(done = total.saturating_sub(left), total, "reintegration progress");
+            }
+        }
+        if !touched_dirs.is_empty() {
+            let dirs: Vec<Fid> = touched_dirs.into_iter().collect();
+            self.on_break(&dirs);
+        }
+        if summary.applied + summary.conflicts > 0 {
+            tracing::info!(applied = summary.applied, conflicts = summary.conflicts, "reintegration complete");
+        }
+        Ok(summary)
+    }
+
+    fn finish(&self, rec: &Record) -> Result<()> {
+        self.cml.done(rec.id)?;
+        if let Some(s) = rec.seq {
+            self.client.unhold(s);
+        }
+        Ok(())
+    }
+
+    /// The request a record sends, the local fid it creates, and its inline bytes.
+    async fn request_for(&self, rec: &Record) -> Result<(Request, Option<Fid>, usize)> {
+        Ok(match &rec.op {
+            CmlOp::Store { fid, base, mode } => {
+                let file = Arc::new(File::open(self.cache.container_path(*fid))?);
+                let mtime = Some(ContainerStamp::of(&file.metadata()?).mtime);
+                let req = self.remote(store_request(&self.client, *fid, base.clone(), file, mtime, *mode)).await?;
+                let inline = match &req.data {
+                    StoreData::Inline(d) => d.len(),
+                    StoreData::Staged(_) => 0,
+                };
+                (Request::Store(req), None, inline)
+            }
+            CmlOp::Create { dir, name, fid, mode } => (
+                Request::Create(CreateReq { dir: *dir, name: name.clone(), mode: *mode, exclusive: true }),
+                Some(*fid),
+                0,
+            ),
+            CmlOp::Mkdir { dir, name, fid, mode } => {
+                (Request::Mkdir(MkdirReq { dir: *dir, name: name.clone(), mode: *mode }), Some(*fid), 0)
+            }
+            CmlOp::Symlink { dir, name, fid, target } => {
+                (Request::Symlink(SymlinkReq { dir: *dir, name: name.clone(), target: target.clone() }), Some(*fid), 0)
+            }
+            CmlOp::Link { fid, dir, name } => {
+                (Request::Link(LinkReq { fid: *fid, dir: *dir, name: name.clone() }), None, 0)
+            }
+            CmlOp::Remove { dir, name, base, .. } => {
+                (Request::Remove(RemoveReq { dir: *dir, name: name.clone(), base: base.clone() }), None, 0)
+            }
+            CmlOp::Rmdir { dir, name, .. } => (Request::Rmdir(RmdirReq { dir: *dir, name: name.clone() }), None, 0),
+            CmlOp::Rename { from_dir, from, to_dir, to, replaced, .. } => (
+                Request::Rename(RenameReq {
+                    from_dir: *from_dir,
+                    from_name: from.clone(),
+                    to_dir: *to_dir,
+                    to_name: to.clone(),
+                    // A rename that replaced nothing offline must not replace
+                    // something created on the server meanwhile.
+                    no_replace: replaced.is_none(),
+                }),
+                None,
+                0,
+            ),
+            CmlOp::SetAttr { fid, set, base } => {
+                (Request::SetAttr(SetAttrReq { fid: *fid, set: set.clone(), base: base.clone() }), None, 0)
+            }
+        })
+    }
+
+    /// A record went through: the cache learns the server's result.
+    fn applied(&self, rec: &Record, reply: Reply) -> Result<()> {
+        match (&rec.op, reply) {
+            (CmlOp::Store { fid, base, .. }, Reply::Store(e)) => {
+                let fid = self.resolve(*fid);
+                let still_logged = self.cml.records().iter().any(|r| r.id != rec.id && r.op.subject() == fid);
+                let stamp = std::fs::metadata(self.cache.container_path(fid)).ok().map(|m| ContainerStamp::of(&m));
+                let promise = promise_exp(e.promise);
+                let version = e.attr.version.clone();
+                self.cache.update(fid, |n| {
+                    n.attr = e.attr;
+                    if let Some(exp) = promise {
+                        n.valid = true;
+                        n.expires = exp;
+                    }
+                    n.cached = true;
+                    n.dirty = still_logged;
+                    n.clean = if still_logged { None } else { stamp };
+                });
+                self.rebase(fid, base, &version);
+            }
+            (CmlOp::Create { dir, name, fid: local, .. }, Reply::Create(e))
+            | (CmlOp::Mkdir { dir, name, fid: local, .. }, Reply::Mkdir(e))
+            | (CmlOp::Symlink { dir, name, fid: local, .. }, Reply::Symlink(e)) => {
+                let server = e.attr.fid;
+                self.adopt_server_fid(*local, server, &e.attr, promise_exp(e.promise))?;
+                self.invalidate_kernel_entry(self.resolve(*dir), name);
+            }
+            (CmlOp::Link { fid, .. }, Reply::Link(e)) => {
+                let fid = self.resolve(*fid);
+                let version = e.attr.version.clone();
+                let before = self.cache.view(fid, |n| n.attr.version.clone()).unwrap_or_default();
+                self.cache.update(fid, |n| {
+                    n.attr.version = version.clone();
+                    n.attr.nlink = e.attr.nlink;
+                });
+                self.rebase(fid, &before, &version);
+            }
+            (CmlOp::Rename { fid, .. }, Reply::Rename(r)) => {
+                let fid = self.resolve(*fid);
+                self.cache.update(fid, |n| n.attr.ctime = r.moved.ctime);
+            }
+            (CmlOp::SetAttr { fid, base, .. }, Reply::SetAttr(e)) => {
+                let fid = self.resolve(*fid);
+                let version = e.attr.version.clone();
+                self.cache.update(fid, |n| {
+                    if !n.dirty {
+                        n.attr = e.attr.clone();
+                    } else {
+                        n.attr.version = version.clone();
+                    }
+                });
+                if let Some(b) = base {
+                    self.rebase(fid, b, &version);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A local fid got its server fid: cache, log, open files and the
+    /// kernel's inode numbers follow.
+    fn adopt_server_fid(&self, local: Fid, server: Fid, attr: &Attr, promise: Option<i64>) -> Result<()> {
+        let still_logged = self.cml.records().iter().any(|r| r.op.fids().contains(&local) && r.op.kind() == "store");
+        self.cache.renumber(local, server);
+        let version = attr.version.clone();
+        self.cache.update(server, |n| {
+            let (size, mtime) = (n.attr.size, n.attr.mtime);
+            n.attr = attr.clone();
+            if still_logged {
+                n.attr.size = size;
+                n.attr.mtime = mtime;
+            }
+            n.valid = promise.is_some();
+            n.expires = promise.unwrap_or(0);
+            n.dirty = still_logged;
+            if !still_logged && n.cached {
+                n.clean = std::fs::metadata(self.cache.container_path(server)).ok().map(|m| ContainerStamp::of(&m));
+            }
+        });
+        self.cml.remap(local, server)?;
+        self.rebase(server, &VersionVector::new(), &version);
+        self.add_alias(local, server)?;
+        let mut opened = self.opened.lock().unwrap();
+        if let Some(entry) = opened.remove(&local) {
+            *entry.1.fid.lock().unwrap() = server;
+            *entry.1.base.lock().unwrap() = version;
+            opened.insert(server, entry);
+        }
+        Ok(())
+    }
+
+    /// Later records of `fid` based on `before` are based on `after` now:
+    /// the change between them was this client's own.
+    fn rebase(&self, fid: Fid, before: &VersionVector, after: &VersionVector) {
+        let _ = self.cml.rebase(fid, before, after);
+        for s in self.open_shared() {
+            if s.fid() == fid {
+                let mut b = s.base.lock().unwrap();
+                if *b == *before {
+                    *b = after.clone();
+                }
+            }
+        }
+    }
+
+    /// A record the server refused: a conflict with both versions kept, or
+    /// nothing to do when the server already has the intended effect.
+    async fn refused(&self, rec: &Record, err: FsError, dirs: &mut HashSet<Fid>) -> Result<Refusal> {
+        let detail = err.to_string();
+        let path_in = |dir: Fid, name: &str| {
+            let p = self.cache.path_of(self.resolve(dir));
+            if p == "/" {
+                format!("/{name}")
+            } else {
+                format!("{p}/{name}")
+            }
+        };
+        match (&rec.op, err) {
+            (CmlOp::Store { fid, .. }, e) => {
+                let fid = self.resolve(*fid);
+                let path = self.cache.path_of(fid);
+                let container = File::open(self.cache.container_path(fid)).ok();
+                let (kind, server) = match e {
+                    FsError::Conflict(a) => (ConflictKind::UpdateUpdate, Some(*a)),
+                    FsError::Stale | FsError::NotFound => (ConflictKind::UpdateRemove, None),
+                    _ => (ConflictKind::Refused, None),
+                };
+                self.record_conflict(kind, &path, server, container.as_ref(), None, detail)?;
+                // The namespace now shows the server's side.
+                if let Some((p, _)) = self.cache.view(fid, |n| n.parent.clone()).flatten() {
+                    dirs.insert(p);
+                }
+                self.cache.remove(fid);
+                dirs.insert(fid);
+                Ok(Refusal::Conflict)
+            }
+            (CmlOp::Create { dir, name, fid, .. } | CmlOp::Symlink { dir, name, fid, .. }, e) => {
+                let path = path_in(*dir, name);
+                let server = self.server_attr(self.resolve(*dir), name).await;
+                let container = File::open(self.cache.container_path(*fid)).ok();
+                let kind = if e == FsError::Exists { ConflictKind::CreateCreate } else { ConflictKind::Refused };
+                self.record_conflict(kind, &path, server, container.as_ref(), None, detail)?;
+                self.drop_local_tree(*fid, dirs)?;
+                dirs.insert(self.resolve(*dir));
+                Ok(Refusal::CreateFailed(*fid))
+            }
+            (CmlOp::Mkdir { dir, name, fid, .. }, e) => {
+                let dir = self.resolve(*dir);
+                if e == FsError::Exists {
+                    if let Some(a) = self.server_attr(dir, name).await.filter(|a| a.kind == common::FileKind::Dir) {
+                        // Both sides made the directory: they become one.
+                        tracing::info!(path = %path_in(dir, name), "directory created on both sides: merged");
+                        self.adopt_server_fid(*fid, a.fid, &a, None)?;
+                        self.cache.update(a.fid, |n| n.valid = false);
+                        dirs.insert(dir);
+                        return Ok(Refusal::Merged(*fid));
+                    }
+                }
+                let path = path_in(dir, name);
+                let server = self.server_attr(dir, name).await;
+                self.record_conflict(ConflictKind::CreateCreate, &path, server, None, None, detail)?;
+                self.drop_local_tree(*fid, dirs)?;
+                dirs.insert(dir);
+                Ok(Refusal::CreateFailed(*fid))
+            }
+            (CmlOp::Remove { .. } | CmlOp::Rmdir { .. }, FsError::NotFound | FsError::Stale) => Ok(Refusal::Harmless),
+            (CmlOp::Remove { dir, name, .. }, e) => {
+                let dir = self.resolve(*dir);
+                let path = path_in(dir, name);
+                let server = match e {
+                    FsError::Conflict(a) => Some(*a),
+                    _ => self.server_attr(dir, name).await,
+                };
+                let kind = if server.is_some() { ConflictKind::RemoveUpdate } else { ConflictKind::Refused };
+                self.record_conflict(kind, &path, server, None, None, detail)?;
+                dirs.insert(dir);
+                Ok(Refusal::Conflict)
+            }
+            (CmlOp::Rmdir { dir, name, .. }, _) => {
+                let dir = self.resolve(*dir);
+                let path = path_in(dir, name);
+                let server = self.server_attr(dir, name).await;
+                self.record_conflict(ConflictKind::RemoveUpdate, &path, server, None, None, detail)?;
+                dirs.insert(dir);
+                Ok(Refusal::Conflict)
+            }
+            (CmlOp::Rename { from_dir, from, to_dir, to, .. }, e) => {
+                let (from_dir, to_dir) = (self.resolve(*from_dir), self.resolve(*to_dir));
+                let path = path_in(to_dir, to);
+                let server = self.server_attr(to_dir, to).await;
+                let kind = if e == FsError::Exists { ConflictKind::RenameCollision } else { ConflictKind::Refused };
+                self.record_conflict(kind, &path, server, None, Some(path_in(from_dir, from)), detail)?;
+                dirs.insert(from_dir);
+                dirs.insert(to_dir);
+                Ok(Refusal::Conflict)
+            }
+            (CmlOp::Link { dir, name, .. }, e) => {
+                let dir = self.resolve(*dir);
+                let kind = if e == FsError::Exists { ConflictKind::CreateCreate } else { ConflictKind::Refused };
+                let server = self.server_attr(dir, name).await;
+                self.record_conflict(kind, &path_in(dir, name), server, None, None, detail)?;
+                dirs.insert(dir);
+                Ok(Refusal::Conflict)
+            }
+            (CmlOp::SetAttr { fid, .. }, e) => {
+                let fid = self.resolve(*fid);
+                let server = if let FsError::Conflict(a) = e { Some(*a) } else { None };
+                self.record_conflict(ConflictKind::Refused, &self.cache.path_of(fid), server, None, None, detail)?;
+                self.cache.update(fid, |n| n.valid = false);
+                dirs.insert(fid);
+                Ok(Refusal::Conflict)
+            }
+        }
+    }
+
+    /// Forgets an object created offline whose creation was refused, and
+    /// everything logged below it; files among them are kept as conflicts.
+    fn drop_local_tree(&self, local: Fid, dirs: &mut HashSet<Fid>) -> Result<()> {
+        for rec in self.cml.records() {
+            let fids = rec.op.fids();
+            if !fids.contains(&local) && !fids.iter().any(|f| f.is_local() && self.cache.is_within(*f, local)) {
+                continue;
+            }
+            if let CmlOp::Create { dir, name, fid, .. } = &rec.op {
+                if *fid != local {
+                    let path = format!("{}/{name}", self.cache.path_of(*dir));
+                    let container = File::open(self.cache.container_path(*fid)).ok();
+                    self.record_conflict(
+                        ConflictKind::CreateCreate,
+                        &path,
+                        None,
+                        container.as_ref(),
+                        None,
+                        "its directory could not be created on the server".into(),
+                    )?;
+                }
+            }
+            // Not sent yet (or failing with the rest): finishing it is safe,
+            // its content lives on in the conflict.
+            if rec.op.subject() != local {
+                self.finish(&rec)?;
+            }
+        }
+        dirs.insert(local);
+        self.cache.remove(local);
+        Ok(())
+    }
+
+    async fn server_attr(&self, dir: Fid, name: &str) -> Option<Attr> {
+        if dir.is_local() {
+            return None;
+        }
+        self.remote(self.client.lookup(LookupReq { dir, name: name.to_string() })).await.ok().map(|e| e.attr)
+    }
+
+    pub(crate) fn record_conflict(
+        &self,
+        kind: ConflictKind,
+        path: &str,
+        server: Option<Attr>,
+        local: Option<&File>,
+        renamed_from: Option<String>,
+        detail: String,
+    ) -> Result<u64> {
+        let local_side = match local.and_then(|f| f.metadata().ok()) {
+            Some(m) => Side { exists: true, size: m.len(), mtime: ContainerStamp::of(&m).mtime },
+            None => Side::default(),
+        };
+        let c = Conflict {
+            id: 0,
+            path: path.to_string(),
+            kind,
+            server_fid: server.as_ref().map(|a| a.fid),
+            server_version: server.as_ref().map(|a| a.version.clone()),
+            server: match &server {
+                Some(a) => Side { exists: true, size: a.size, mtime: a.mtime },
+                None => Side::default(),
+            },
+            local: local_side,
+            renamed_from,
+            detail,
+            when: crate::cache::now_secs(),
+        };
+        self.conflicts.add(c, local)
+    }
+
+    /// A connected store refused for a stale base: a conflict like an offline one.
+    pub(crate) fn conflict_from_store(
+        &self,
+        fid: Fid,
+        path: &str,
+        local: &File,
+        server: Option<Attr>,
+        detail: &str,
+    ) -> Result<()> {
+        self.record_conflict(ConflictKind::UpdateUpdate, path, server, Some(local), None, detail.to_string())?;
+        self.cache.update(fid, |n| {
+            n.dirty = false;
+            n.cached = false;
+            n.valid = false;
+        });
+        Ok(())
+    }
+}
+
+enum Refusal {
+    Conflict,
+    /// A directory created on both sides: the local one became the server's.
+    Merged(Fid),
+    /// The server already has the effect (removing something already gone).
+    Harmless,
+    /// Creating this local fid failed; records naming it are void.
+    CreateFailed(Fid),
+}
