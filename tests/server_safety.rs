@@ -2,6 +2,7 @@
 //! against requests that try to leave the export.
 
 use crate::support::{Afsd, TestDir};
+use common::frame::Message;
 use common::proto::*;
 use common::rpc::{Client, RpcError};
 use common::{Fid, FsError};
@@ -246,4 +247,77 @@ async fn requests_cannot_reach_outside_the_export() {
 
     assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "secret");
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1, "nothing was created outside the export");
+}
+
+/// Hostile but authenticated input: absurd timestamps, an ack past the
+/// request, and a FIFO planted in the export. The server refuses or skips
+/// each and keeps serving everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_does_not_break_the_server() {
+    use common::Timestamp;
+    let dir = TestDir::new("hostile");
+    let afsd = Afsd::start(dir.path());
+    let c = afsd.client().await;
+    let f = create_file(&c, "victim").await.attr;
+    let e = c
+        .setattr(SetAttrReq {
+            fid: f.fid,
+            set: common::SetAttr {
+                mtime: Some(Timestamp { secs: i64::MAX, nanos: 1_500_000_000 }),
+                ..Default::default()
+            },
+            base: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RpcError::Fs(FsError::Invalid(_))), "{e:?}");
+
+    // An ack claiming replies the client cannot have yet.
+    let mut raw = raw_session(&afsd).await;
+    let xid = Xid { client: raw.1, seq: 5 };
+    let call = Message::Call { xid, ack: u64::MAX, body: Request::StatFs(StatFsReq {}) };
+    common::frame::write_message(&mut raw.0, &call).await.unwrap();
+    let reply: Message = common::frame::read_message(&mut raw.0).await.unwrap();
+    assert!(matches!(reply, Message::Return { seq: 5, result: Ok(_) }), "{reply:?}");
+
+    // A FIFO in the export: skipped in listings, refused, never blocking.
+    let fifo = std::ffi::CString::new(afsd.export.join("pipe").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let listing = c.readdir(ReadDirReq { dir: Fid::ROOT }).await.unwrap();
+    assert!(listing.entries.iter().all(|e| e.name != "pipe"));
+    assert!(listing.entries.iter().any(|e| e.name == "victim"));
+    assert!(c.lookup(LookupReq { dir: Fid::ROOT, name: "pipe".into() }).await.is_err());
+    // Swap the victim for a FIFO behind the server's back, then fetch it.
+    std::fs::remove_file(afsd.export.join("victim")).unwrap();
+    let victim = std::ffi::CString::new(afsd.export.join("victim").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(victim.as_ptr(), 0o644) }, 0);
+    let r = tokio::time::timeout(Duration::from_secs(5), c.fetch(FetchReq { fid: f.fid, inline_max: 1 << 20 })).await;
+    assert!(matches!(r, Ok(Err(_))), "a FIFO is refused at once: {r:?}");
+
+    let other = afsd.client().await;
+    other.statfs(StatFsReq {}).await.expect("the server still serves everyone");
+    c.getattr(GetAttrReq { fid: Fid::ROOT }).await.unwrap();
+}
+
+/// A handshaken raw connection (to send frames the library never would).
+async fn raw_session(afsd: &Afsd) -> (tokio::net::TcpStream, uuid::Uuid) {
+    use common::frame::{Hello, MAGIC, PROTOCOL_VERSION};
+    let key = afsd.key();
+    let client = uuid::Uuid::new_v4();
+    let mut s = tokio::net::TcpStream::connect(&afsd.addr).await.unwrap();
+    let nonce = common::auth::random_bytes::<32>().to_vec();
+    common::frame::write_message(
+        &mut s,
+        &Hello { magic: MAGIC, version: PROTOCOL_VERSION, client, nonce: nonce.clone() },
+    )
+    .await
+    .unwrap();
+    let Message::Challenge { nonce: server_nonce } = common::frame::read_message(&mut s).await.unwrap() else {
+        panic!("no challenge")
+    };
+    let mac = key.client_proof(client, &nonce, &server_nonce);
+    common::frame::write_message(&mut s, &Message::Proof { mac }).await.unwrap();
+    let welcome: Message = common::frame::read_message(&mut s).await.unwrap();
+    assert!(matches!(welcome, Message::Welcome { .. }));
+    (s, client)
 }

@@ -272,3 +272,32 @@ fn nix_statfs(p: &std::path::Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     s.f_blocks
 }
+
+/// A setattr on a file that is open with unstored writes (cp -p sets times
+/// on the open file; r+ writes then truncates) must not lose those writes.
+#[test]
+fn attribute_changes_on_an_open_file_keep_its_writes() {
+    let dir = TestDir::new("setattr-open");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let mut f = fs::File::create(a.path("copied")).unwrap();
+    f.write_all(&[b'x'; 120]).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000)).unwrap();
+    fs::set_permissions(a.path("copied"), fs::Permissions::from_mode(0o600)).unwrap();
+    drop(f);
+    assert_eq!(fs::read(afsd.export.join("copied")).unwrap(), vec![b'x'; 120]);
+    assert_eq!(fs::metadata(afsd.export.join("copied")).unwrap().permissions().mode() & 0o777, 0o600);
+
+    fs::write(a.path("rplus"), "x".repeat(100)).unwrap();
+    let mut f = fs::OpenOptions::new().read(true).write(true).open(a.path("rplus")).unwrap();
+    f.write_all(b"short").unwrap();
+    f.set_len(5).unwrap();
+    drop(f);
+    assert_eq!(fs::read_to_string(afsd.export.join("rplus")).unwrap(), "short");
+    assert_eq!(fs::read_to_string(a.path("rplus")).unwrap(), "short");
+
+    // O_TRUNC with nothing written still empties the file everywhere.
+    fs::write(a.path("emptied"), "content").unwrap();
+    drop(fs::OpenOptions::new().write(true).truncate(true).open(a.path("emptied")).unwrap());
+    assert_eq!(fs::read(afsd.export.join("emptied")).unwrap(), b"");
+}

@@ -65,6 +65,7 @@ impl Callbacks {
     pub fn connected(&self, client: Uuid, conn: u64, pusher: Pusher) {
         let _ = self.db.clients.insert(client.as_bytes(), &now_secs().to_be_bytes());
         let mut missed = Vec::new();
+        let mut keys = Vec::new();
         let mut all = false;
         for (k, _) in self.db.pending.scan_prefix(client.as_bytes()).flatten() {
             let fid = Fid(be_u64(&k[16..]));
@@ -73,17 +74,32 @@ impl Callbacks {
             } else {
                 missed.push(fid);
             }
-            let _ = self.db.pending.remove(k);
+            keys.push(k);
         }
-        // Queue before any reply can be sent on this connection.
-        if all {
-            tracing::info!(%client, "client missed too much while away: BreakAll");
-            tokio::spawn(pusher.push(Push::BreakAll));
-        }
-        if !missed.is_empty() {
-            tracing::info!(%client, count = missed.len(), "delivering breaks missed while away");
+        // Queued before any reply can be sent on this connection; the record
+        // of them goes only once they are on their way.
+        if all || !missed.is_empty() {
+            tracing::info!(%client, count = missed.len(), all, "delivering breaks missed while away");
             self.breaks_sent.fetch_add(missed.len() as u64, Ordering::Relaxed);
-            tokio::spawn(pusher.push(Push::Break { id: 0, fids: missed }));
+            let sends = (
+                all.then(|| pusher.push(Push::BreakAll)),
+                (!missed.is_empty()).then(|| pusher.push(Push::Break { id: 0, fids: missed })),
+            );
+            let db = self.db.clone();
+            tokio::spawn(async move {
+                let mut ok = true;
+                if let Some(f) = sends.0 {
+                    ok &= f.await;
+                }
+                if let Some(f) = sends.1 {
+                    ok &= f.await;
+                }
+                if ok {
+                    for k in keys {
+                        let _ = db.pending.remove(k);
+                    }
+                }
+            });
         }
         self.sessions.lock().unwrap().insert(client, (conn, pusher));
     }

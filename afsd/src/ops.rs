@@ -17,6 +17,16 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
+/// A name to create: what `make` needs to know.
+struct NewName {
+    dir: Fid,
+    name: String,
+    mode: u32,
+    what: NewKind,
+    /// O_EXCL: an existing name is an error rather than opened.
+    exclusive: bool,
+}
+
 /// Refuses a mutation whose base version is no longer the object's version.
 fn check_base(vol: &Volume, fid: Fid, obj: &Object, st: &Stat, base: Option<&VersionVector>) -> Result<(), FsError> {
     match base {
@@ -54,16 +64,8 @@ impl Volume {
 
     /// Creates a file, directory or symlink: the shared body of create,
     /// mkdir and symlink.
-    async fn make(
-        &self,
-        cx: &CallContext,
-        kind: OpKind,
-        dir: Fid,
-        name: String,
-        mode: u32,
-        what: NewKind,
-        exclusive: bool,
-    ) -> Result<NewEntry, FsError> {
+    async fn make(&self, cx: &CallContext, kind: OpKind, new: NewName) -> Result<NewEntry, FsError> {
+        let NewName { dir, name, mode, what, exclusive } = new;
         validate_name(&name)?;
         if self.hidden(dir, &name) {
             return Err(FsError::Access);
@@ -218,11 +220,15 @@ impl Service for Volume {
             let _g = self.lock(&[req.fid]).await;
             let obj = self.object(req.fid)?;
             let path = self.path_of(req.fid)?;
-            let file = self.export.open_file(&path, libc::O_RDONLY)?;
+            // O_NONBLOCK: if a FIFO was put there, opening must not hang.
+            let file = self.export.open_file(&path, libc::O_RDONLY | libc::O_NONBLOCK)?;
             // Chunks are read in parallel but in order: ask for aggressive readahead.
             // SAFETY: advisory call on a valid descriptor.
             unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
             let st = crate::export::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))?;
+            if !st.is_file() {
+                return Err(FsError::NotSupported("not a regular file".into()));
+            }
             let obj = self.notice_external(req.fid, obj, &st, true).await?;
             (file, self.attr(req.fid, &obj, &st))
         };
@@ -298,6 +304,9 @@ impl Service for Volume {
     }
 
     async fn store(&self, cx: &CallContext, req: StoreReq) -> Result<EntryReply, FsError> {
+        if req.mtime.is_some_and(|t| !t.is_valid()) {
+            return Err(FsError::Invalid("mtime out of range".into()));
+        }
         // Put the new content in a staging file first, outside all locks.
         let (staging, file) = match req.data {
             StoreData::Inline(bytes) => {
@@ -369,18 +378,23 @@ impl Service for Volume {
     }
 
     async fn create(&self, cx: &CallContext, req: CreateReq) -> Result<NewEntry, FsError> {
-        self.make(cx, OpKind::Create, req.dir, req.name, req.mode, NewKind::File, req.exclusive).await
+        let new =
+            NewName { dir: req.dir, name: req.name, mode: req.mode, what: NewKind::File, exclusive: req.exclusive };
+        self.make(cx, OpKind::Create, new).await
     }
 
     async fn mkdir(&self, cx: &CallContext, req: MkdirReq) -> Result<NewEntry, FsError> {
-        self.make(cx, OpKind::Mkdir, req.dir, req.name, req.mode, NewKind::Dir, true).await
+        let new = NewName { dir: req.dir, name: req.name, mode: req.mode, what: NewKind::Dir, exclusive: true };
+        self.make(cx, OpKind::Mkdir, new).await
     }
 
     async fn symlink(&self, cx: &CallContext, req: SymlinkReq) -> Result<NewEntry, FsError> {
         if req.target.is_empty() || req.target.contains('\0') || req.target.len() > 4095 {
             return Err(FsError::Invalid("bad symlink target".into()));
         }
-        self.make(cx, OpKind::Symlink, req.dir, req.name, 0o777, NewKind::Symlink(req.target), true).await
+        let new =
+            NewName { dir: req.dir, name: req.name, mode: 0o777, what: NewKind::Symlink(req.target), exclusive: true };
+        self.make(cx, OpKind::Symlink, new).await
     }
 
     async fn link(&self, cx: &CallContext, req: LinkReq) -> Result<NewEntry, FsError> {
@@ -557,6 +571,9 @@ impl Service for Volume {
     }
 
     async fn setattr(&self, cx: &CallContext, req: SetAttrReq) -> Result<EntryReply, FsError> {
+        if [req.set.atime, req.set.mtime].iter().flatten().any(|t| !t.is_valid()) {
+            return Err(FsError::Invalid("time out of range".into()));
+        }
         let _g = self.lock(&[req.fid]).await;
         let (obj, st) = self.current(req.fid, true).await?;
         check_base(self, req.fid, &obj, &st, req.base.as_ref())?;
@@ -657,6 +674,10 @@ impl Service for Volume {
     }
 
     async fn reintegrate(&self, cx: &CallContext, req: ReintegrateReq) -> Result<ReintegrateReply, FsError> {
+        // One batch per client at a time: a resent batch waits for the first
+        // and then finds its records' replies recorded, so none runs twice.
+        let turn = self.reintegration_turn(cx.client());
+        let _turn = turn.lock().await;
         if req.records.len() > 100_000 {
             return Err(FsError::Invalid("reintegration batch too large".into()));
         }

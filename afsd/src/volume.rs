@@ -109,6 +109,8 @@ pub struct Volume {
     pub handles: Handles,
     pub stats: Stats,
     failpoint: Option<String>,
+    /// Serialises reintegration batches per client.
+    reintegrating: std::sync::Mutex<std::collections::HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 pub type Guards<'a> = Vec<tokio::sync::MutexGuard<'a, ()>>;
@@ -136,6 +138,7 @@ impl Volume {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stats: Stats::default(),
             failpoint: std::env::var("AFSD_FAILPOINT").ok(),
+            reintegrating: Default::default(),
         })
     }
 
@@ -274,7 +277,8 @@ impl Volume {
         }
         let (d, _) = self.open_dir(dir)?;
         let st = d.lstat(name)?;
-        let kind = Self::kind_of(&st).ok_or_else(|| FsError::NotSupported("special file".into()))?;
+        // Devices, FIFOs and sockets are not part of the volume.
+        let kind = Self::kind_of(&st).ok_or(FsError::NotFound)?;
         let fid = match self.db.dirent(dir, name)? {
             Some(fid) => match self.db.object(fid)? {
                 Some(o) if o.kind == kind => fid,
@@ -298,7 +302,7 @@ impl Volume {
             Err(FsError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let kind = Self::kind_of(&st).ok_or_else(|| FsError::NotSupported("special file".into()))?;
+        let Some(kind) = Self::kind_of(&st) else { return Ok(None) };
         let fid = match self.db.dirent(dir_fid, name)? {
             Some(fid) => match self.db.object(fid)? {
                 Some(o) if o.kind == kind => fid,
@@ -404,14 +408,16 @@ impl Volume {
             .collect::<Result<_, FsError>>()?;
         let recorded: RecordedReply = Ok(reply.clone());
         let intent_id = self.commit(xid, &plan.objects, &plan.dirents, plan.intent.as_ref(), &recorded)?;
-        self.db.sync(self.db.ticket()).await?;
+        self.sync_or_die().await;
         self.failpoint("crash-after-commit", kind);
         if let Some(intent) = &plan.intent {
             if let Err(e) = tokio::task::block_in_place(|| self.apply(intent)) {
                 tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");
-                self.commit(xid, &before, &before_dirents, None, &Err(e.clone()))?;
+                if let Err(c) = self.commit(xid, &before, &before_dirents, None, &Err(e.clone())) {
+                    die(&format!("cannot roll back a failed change: {c}"));
+                }
                 self.drop_intent(intent_id);
-                self.db.sync(self.db.ticket()).await?;
+                self.sync_or_die().await;
                 return Err(e);
             }
         }
@@ -421,6 +427,14 @@ impl Volume {
             self.callbacks.break_fids(&plan.breaks, Some(xid.client)).await;
         }
         Ok(reply)
+    }
+
+    /// After a commit, a failed flush leaves the outcome unknown: the only
+    /// safe move is to stop and let recovery decide from what is on disk.
+    async fn sync_or_die(&self) {
+        if let Err(e) = self.db.sync(self.db.ticket()).await {
+            die(&format!("cannot flush the database after a commit: {e}"));
+        }
     }
 
     fn drop_intent(&self, id: Option<u64>) {
@@ -647,6 +661,10 @@ impl Volume {
         Ok((name, f))
     }
 
+    pub fn reintegration_turn(&self, client: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.reintegrating.lock().unwrap().entry(client).or_default().clone()
+    }
+
     pub fn stamp(&self) -> u64 {
         self.db.meta_u64(db::META_STAMP)
     }
@@ -658,6 +676,11 @@ impl Volume {
     pub fn recorded_reply(&self, xid: &Xid) -> Option<RecordedReply> {
         self.db.recorded_reply(xid.client, xid.seq)
     }
+}
+
+fn die(why: &str) -> ! {
+    tracing::error!("{why}; stopping so that recovery can repair the state at the next start");
+    std::process::abort();
 }
 
 fn bump_stamp(meta: &sled::transaction::TransactionalTree) -> Result<(), ConflictableTransactionError<FsError>> {

@@ -41,13 +41,25 @@ impl From<SystemTime> for Timestamp {
     }
 }
 
+impl Timestamp {
+    /// Whether the value is a real point in time (nanoseconds in range,
+    /// seconds within ±10^12, far beyond any file time).
+    pub fn is_valid(&self) -> bool {
+        self.nanos < 1_000_000_000 && self.secs.unsigned_abs() < 1_000_000_000_000
+    }
+}
+
+/// Never panics: out-of-range values saturate (the server refuses them
+/// before they get here; see `Timestamp::is_valid`).
 impl From<Timestamp> for SystemTime {
     fn from(t: Timestamp) -> Self {
-        if t.secs >= 0 {
-            UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+        let nanos = Duration::from_nanos(t.nanos.min(999_999_999) as u64);
+        let t = if t.secs >= 0 {
+            UNIX_EPOCH.checked_add(Duration::from_secs(t.secs as u64)).and_then(|s| s.checked_add(nanos))
         } else {
-            UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::from_nanos(t.nanos as u64)
-        }
+            UNIX_EPOCH.checked_sub(Duration::from_secs(t.secs.unsigned_abs())).and_then(|s| s.checked_add(nanos))
+        };
+        t.unwrap_or(UNIX_EPOCH)
     }
 }
 
@@ -109,6 +121,14 @@ pub struct FsStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_timestamps_do_not_panic() {
+        for t in [Timestamp { secs: i64::MAX, nanos: 1_500_000_000 }, Timestamp { secs: i64::MIN, nanos: u32::MAX }] {
+            assert!(!t.is_valid());
+            let _: SystemTime = t.into();
+        }
+    }
 
     #[test]
     fn timestamps_round_trip_through_system_time() {

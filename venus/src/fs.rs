@@ -498,6 +498,17 @@ impl Venus {
     /// Opens `fid`; returns the handle and the shared state (for passthrough).
     pub fn open(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
         let fid = self.resolve(fid);
+        match self.open_once(fid, flags) {
+            // Evicted between the check and the open: fetch again.
+            Err(VenusError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.cache.update(fid, |n| n.cached = false);
+                self.open_once(fid, flags)
+            }
+            r => r,
+        }
+    }
+
+    fn open_once(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let truncate = write && flags & libc::O_TRUNC != 0;
@@ -587,6 +598,9 @@ impl Venus {
         let mtime = Some(now.mtime);
         let result =
             common::rpc::store_with_seq(&self.client, seq, fid, base.clone(), shared.file.clone(), mtime, None).await;
+        if !matches!(&result, Err(e) if e.is_transport()) {
+            self.client.unhold(seq);
+        }
         match result {
             Ok(reply) => {
                 let after = ContainerStamp::of(&shared.file.metadata()?);
@@ -642,9 +656,6 @@ impl Venus {
         seq: Option<u64>,
     ) -> Result<()> {
         shared.file.sync_all()?;
-        if let Some(s) = seq {
-            self.client.hold(s);
-        }
         self.cml.append(CmlOp::Store { fid, base, mode: None }, seq)?;
         *shared.synced.lock().unwrap() = now;
         self.cache.update(fid, |n| {
@@ -761,13 +772,20 @@ impl Venus {
             return Err(Mutation::Offline(None));
         }
         let seq = self.client.allocate_sequence();
-        match self.rt.block_on(f(seq)) {
-            Ok(r) => unwrap(r).ok_or(Mutation::Failed(errno(libc::EIO, "reply of the wrong kind"))),
+        let result = self.rt.block_on(f(seq));
+        match result {
             Err(e) if e.is_transport() => {
+                // Stays held: the log resends it under this id.
                 self.link.lost(format!("a request failed: {e}"));
                 Err(Mutation::Offline(Some(seq)))
             }
-            Err(e) => Err(Mutation::Failed(e.into())),
+            other => {
+                self.client.unhold(seq);
+                match other {
+                    Ok(r) => unwrap(r).ok_or(Mutation::Failed(errno(libc::EIO, "reply of the wrong kind"))),
+                    Err(e) => Err(Mutation::Failed(e.into())),
+                }
+            }
         }
     }
 
@@ -969,6 +987,12 @@ impl Venus {
         let open = fh
             .and_then(|fh| self.handle(fh).ok())
             .or_else(|| self.opened.lock().unwrap().get(&fid).map(|(_, s)| s.clone()));
+        // Writes not yet stored must survive the setattr: the container then
+        // stays out of step with the server, and the close stores it.
+        let unsynced = self.cache.get(fid).is_some_and(|n| n.dirty)
+            || open.as_ref().is_some_and(|s| {
+                s.file.metadata().map(|m| ContainerStamp::of(&m) != *s.synced.lock().unwrap()).unwrap_or(true)
+            });
         let req = SetAttrReq { fid, set: set.clone(), base: None };
         let reply = {
             let _g = self.rt.block_on(self.stripe(fid).lock());
@@ -1011,22 +1035,29 @@ impl Venus {
                 f.set_times(t)?;
             }
             let stamp = ContainerStamp::of(&f.metadata()?);
-            let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
             if let (Some(s), Some(r)) = (&open, &reply) {
                 *s.base.lock().unwrap() = r.attr.version.clone();
             }
             if let Some(s) = &open {
                 let mut synced = s.synced.lock().unwrap();
-                if *synced != ContainerStamp::default() {
+                if !unsynced && *synced != ContainerStamp::default() {
                     *synced = stamp;
                 }
             }
             if let Some(r) = &reply {
                 self.cache.learn(fid, r.attr.clone(), None, promise_exp(r.promise));
             }
+            let version = reply.as_ref().map(|r| r.attr.version.clone());
             self.cache.update(fid, |n| {
                 n.cached = true;
-                if !dirty && reply.is_some() {
+                if unsynced {
+                    // Still ours to store, now on top of the setattr's version.
+                    n.dirty = true;
+                    n.clean = None;
+                    if let Some(v) = version {
+                        n.attr.version = v;
+                    }
+                } else if reply.is_some() {
                     n.clean = Some(stamp);
                 }
             });
@@ -1103,7 +1134,8 @@ impl Venus {
             }
         }
         let n_stale = stale.len();
-        self.on_break(&stale);
+        // Kernel invalidations may block: not on a runtime thread.
+        tokio::task::block_in_place(|| self.on_break(&stale));
         Ok((current, n_stale))
     }
 
@@ -1117,18 +1149,34 @@ impl Venus {
             if self.cache.bytes() <= self.cache.limit {
                 break;
             }
-            self.drop_container(fid);
-            tracing::debug!(%fid, size, "evicted");
+            if self.drop_container(fid) {
+                tracing::debug!(%fid, size, "evicted");
+            }
         }
     }
 
-    fn drop_container(&self, fid: Fid) {
-        let _ = std::fs::remove_file(self.cache.container_path(fid));
+    /// Deletes a closed container. The check and the unlink happen under
+    /// the `opened` lock, which `open` holds while opening a container, so
+    /// no open can slip in between; `open` copes with a container that
+    /// vanished just before.
+    fn drop_container(&self, fid: Fid) -> bool {
+        // (Lock order: the node table before `opened`, never the reverse.)
+        if self.cache.view(fid, |n| n.dirty).unwrap_or(false) {
+            return false;
+        }
+        {
+            let opened = self.opened.lock().unwrap();
+            if opened.contains_key(&fid) {
+                return false;
+            }
+            let _ = std::fs::remove_file(self.cache.container_path(fid));
+        }
         self.cache.drop_size(fid);
         self.cache.update(fid, |n| {
             n.cached = false;
             n.clean = None;
         });
+        true
     }
 
     /// Drops cached content of clean, closed files (all, or under `under`).
@@ -1141,9 +1189,10 @@ impl Venus {
                     continue;
                 }
             }
-            self.drop_container(fid);
-            n += 1;
-            bytes += size;
+            if self.drop_container(fid) {
+                n += 1;
+                bytes += size;
+            }
         }
         (n, bytes)
     }

@@ -20,10 +20,9 @@ impl Venus {
         Ok(Fid::local(n))
     }
 
+    /// Logs a change; a `seq` from a failed connected attempt is already
+    /// held and is released when the record is done.
     fn log(&self, op: CmlOp, seq: Option<u64>) -> Result<()> {
-        if let Some(s) = seq {
-            self.client.hold(s);
-        }
         self.cml.append(op, seq)?;
         // The change must survive a crash of venus or of the machine.
         self.cache.flush()

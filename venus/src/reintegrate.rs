@@ -58,7 +58,6 @@ impl Venus {
                     Some(s) => s,
                     None => {
                         let s = self.client.allocate_sequence();
-                        self.client.hold(s);
                         self.cml.assign_seq(rec.id, s)?;
                         s
                     }

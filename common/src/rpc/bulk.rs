@@ -88,7 +88,10 @@ pub async fn store_from_file(
     mtime: Option<Timestamp>,
     mode: Option<u32>,
 ) -> Result<EntryReply, RpcError> {
-    store_with_seq(client, client.allocate_sequence(), fid, base, src, mtime, mode).await
+    let seq = client.allocate_sequence();
+    let r = store_with_seq(client, seq, fid, base, src, mtime, mode).await;
+    client.unhold(seq);
+    r
 }
 
 /// Stores under a given transaction id (see [`Client::call_with_seq`]): a

@@ -12,7 +12,7 @@ use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
 use crate::proto::{Operation, Push, Reply, Request, StoreData, StoreReq, Xid};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -114,8 +114,9 @@ struct Inner {
     cfg: ClientConfig,
     next_seq: AtomicU64,
     next_conn: AtomicU64,
-    /// Sequence numbers of calls not yet answered: the ack is below the least.
-    outstanding: Mutex<BTreeSet<u64>>,
+    /// Sequence numbers not to be acknowledged yet (calls in flight, and
+    /// held ones), with a count: the ack stays below the least.
+    outstanding: Mutex<BTreeMap<u64, u32>>,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     events: Mutex<Option<mpsc::UnboundedSender<ClientEvent>>>,
 }
@@ -130,7 +131,23 @@ pub struct Client {
 struct OutstandingGuard<'a>(&'a Inner, u64);
 impl Drop for OutstandingGuard<'_> {
     fn drop(&mut self) {
-        self.0.outstanding.lock().unwrap().remove(&self.1);
+        self.0.release(self.1);
+    }
+}
+
+impl Inner {
+    fn retain(&self, seq: u64) {
+        *self.outstanding.lock().unwrap().entry(seq).or_insert(0) += 1;
+    }
+
+    fn release(&self, seq: u64) {
+        let mut out = self.outstanding.lock().unwrap();
+        if let Some(n) = out.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                out.remove(&seq);
+            }
+        }
     }
 }
 
@@ -142,7 +159,7 @@ impl Client {
                 cfg,
                 next_seq: AtomicU64::new(1),
                 next_conn: AtomicU64::new(1),
-                outstanding: Mutex::new(BTreeSet::new()),
+                outstanding: Mutex::new(BTreeMap::new()),
                 conn: tokio::sync::Mutex::new(None),
                 events: Mutex::new(None),
             }),
@@ -176,20 +193,25 @@ impl Client {
         self.inner.next_seq.load(Ordering::SeqCst)
     }
 
-    /// Reserves a sequence number for a record sent inside a batch.
+    /// Reserves a sequence number, held (see [`Client::hold`]) until
+    /// [`Client::unhold`]: allocation and hold happen under one lock, so no
+    /// concurrent call can acknowledge the number before it is used.
     pub fn allocate_sequence(&self) -> u64 {
-        self.inner.next_seq.fetch_add(1, Ordering::SeqCst)
+        let mut out = self.inner.outstanding.lock().unwrap();
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+        *out.entry(seq).or_insert(0) += 1;
+        seq
     }
 
     /// Keeps the cumulative ack below `seq` until [`Client::unhold`]: the
-    /// server must keep the reply of a batched record until the client has
+    /// server must keep the reply of a logged change until the client has
     /// recorded its outcome, even across a client restart.
     pub fn hold(&self, seq: u64) {
-        self.inner.outstanding.lock().unwrap().insert(seq);
+        self.inner.retain(seq);
     }
 
     pub fn unhold(&self, seq: u64) {
-        self.inner.outstanding.lock().unwrap().remove(&seq);
+        self.inner.release(seq);
     }
 
     /// Subscribes to connection events and callback breaks. Only the latest
@@ -244,8 +266,8 @@ impl Client {
 
     fn ack(&self) -> u64 {
         let out = self.inner.outstanding.lock().unwrap();
-        match out.iter().next() {
-            Some(&least) => least - 1,
+        match out.keys().next() {
+            Some(&least) => least.saturating_sub(1),
             None => self.inner.next_seq.load(Ordering::SeqCst) - 1,
         }
     }
@@ -254,8 +276,9 @@ impl Client {
     /// same transaction id until the call's deadline.
     pub async fn call<O: Operation>(&self, op: O) -> Result<O::Reply, RpcError> {
         let seq = self.allocate_sequence();
-        let reply = self.call_with_seq(seq, op.into_request()).await?;
-        O::from_reply(reply).ok_or_else(|| RpcError::Protocol(format!("reply of the wrong kind to {:?}", O::KIND)))
+        let reply = self.call_with_seq(seq, op.into_request()).await;
+        self.unhold(seq);
+        O::from_reply(reply?).ok_or_else(|| RpcError::Protocol(format!("reply of the wrong kind to {:?}", O::KIND)))
     }
 
     /// Sends a request under a given sequence number (from
@@ -264,7 +287,7 @@ impl Client {
     /// without running it twice.
     pub async fn call_with_seq(&self, seq: u64, body: Request) -> Result<Reply, RpcError> {
         let inner = &*self.inner;
-        inner.outstanding.lock().unwrap().insert(seq);
+        inner.retain(seq);
         let _guard = OutstandingGuard(inner, seq);
         let xid = Xid { client: inner.cfg.client_id, seq };
         let payload = match &body {

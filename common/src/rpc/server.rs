@@ -293,7 +293,8 @@ impl<S: Service + Hooks> RpcServer<S> {
     async fn call(&self, conn: u64, xid: Xid, ack: u64, body: Request, outbox: &Outbox) {
         let kind = body.kind();
         self.service.count(kind);
-        let acked = self.note_ack(xid.client, ack);
+        // An ack covers only replies the client can have: below this request.
+        let acked = self.note_ack(xid.client, ack.min(xid.seq.saturating_sub(1)));
         if let Some(upto) = acked {
             self.service.acknowledged(xid.client, upto);
         }
@@ -310,6 +311,8 @@ impl<S: Service + Hooks> RpcServer<S> {
                 }
             },
             Plan::Run(tx) => {
+                // If the execution panics, the slot must not wait forever.
+                let mut guard = RunningGuard { server: self, xid, armed: true };
                 let recorded = if kind.mutates() { self.service.recorded_reply(&xid) } else { None };
                 let result: Shared = match recorded {
                     Some(r) => Arc::new(r),
@@ -318,6 +321,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                         Arc::new(dispatch(&*self.service, &cx, body).await)
                     }
                 };
+                guard.armed = false;
                 self.finish(&xid, kind, &result);
                 let _ = tx.send(Some(result.clone()));
                 self.service.before_reply(kind);
@@ -340,13 +344,13 @@ impl<S: Service + Hooks> RpcServer<S> {
 
     /// Records a cumulative ack; returns it when it moved forward.
     fn note_ack(&self, client: Uuid, ack: u64) -> Option<u64> {
-        let mut table = self.replies.lock().unwrap();
+        let mut table = self.replies.lock().unwrap_or_else(|e| e.into_inner());
         let t = table.entry(client).or_default();
         if ack <= t.acked {
             return None;
         }
         t.acked = ack;
-        let keep = t.slots.split_off(&(ack + 1));
+        let keep = t.slots.split_off(&(ack.saturating_add(1)));
         let old = std::mem::replace(&mut t.slots, keep);
         // Running entries stay until they finish, acked or not.
         for (seq, slot) in old {
@@ -358,7 +362,7 @@ impl<S: Service + Hooks> RpcServer<S> {
     }
 
     fn plan(&self, xid: &Xid) -> Plan {
-        let mut table = self.replies.lock().unwrap();
+        let mut table = self.replies.lock().unwrap_or_else(|e| e.into_inner());
         let t = table.entry(xid.client).or_default();
         match t.slots.get(&xid.seq) {
             Some(Slot::Running(rx)) => return Plan::Wait(rx.clone()),
@@ -375,7 +379,7 @@ impl<S: Service + Hooks> RpcServer<S> {
     }
 
     fn finish(&self, xid: &Xid, kind: OpKind, result: &Shared) {
-        let mut table = self.replies.lock().unwrap();
+        let mut table = self.replies.lock().unwrap_or_else(|e| e.into_inner());
         let t = table.entry(xid.client).or_default();
         if kind.mutates() && xid.seq > t.acked {
             t.slots.insert(xid.seq, Slot::Done(result.clone()));
@@ -392,6 +396,24 @@ impl<S: Service + Hooks> RpcServer<S> {
             }
         } else {
             t.slots.remove(&xid.seq);
+        }
+    }
+}
+
+/// Removes a running slot whose execution unwound.
+struct RunningGuard<'a, S: Service + Hooks> {
+    server: &'a RpcServer<S>,
+    xid: Xid,
+    armed: bool,
+}
+
+impl<S: Service + Hooks> Drop for RunningGuard<'_, S> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut table = self.server.replies.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = table.get_mut(&self.xid.client) {
+                t.slots.remove(&self.xid.seq);
+            }
         }
     }
 }
