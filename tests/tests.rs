@@ -7,5 +7,6 @@ mod rpc_semantics;
 mod server_callbacks;
 mod server_safety;
 mod venus_connected;
+mod venus_hoard;
 mod venus_offline;
 mod venus_random;

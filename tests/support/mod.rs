@@ -217,6 +217,7 @@ pub struct VenusMount {
     server: String,
     key: PathBuf,
     cache_size: String,
+    extra: Vec<String>,
 }
 
 impl VenusMount {
@@ -236,6 +237,24 @@ impl VenusMount {
             server: server.to_string(),
             key: key.to_path_buf(),
             cache_size: cache_size.to_string(),
+            extra: Vec::new(),
+        };
+        v.spawn();
+        v
+    }
+
+    /// Mounts with extra `venus mount` arguments.
+    pub fn start_args(dir: &Path, name: &str, afsd: &Afsd, cache_size: &str, extra: &[&str]) -> VenusMount {
+        let mountpoint = dir.join(name);
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let mut v = VenusMount {
+            child: None,
+            mountpoint,
+            cache: dir.join(format!("{name}-cache")),
+            server: afsd.addr.clone(),
+            key: afsd.key_path(),
+            cache_size: cache_size.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         v.spawn();
         v
@@ -250,6 +269,7 @@ impl VenusMount {
             .arg("--cache")
             .arg(&self.cache)
             .args(["--cache-size", &self.cache_size])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if std::env::var_os("RUST_LOG").is_none() {

@@ -62,6 +62,9 @@ pub struct Node {
     pub target: Option<String>,
     /// Recency for eviction (a global counter, larger is newer).
     pub last_used: u64,
+    /// Hoard priority (0: not hoarded); evicted last, lowest first.
+    #[serde(default)]
+    pub hoard: u32,
 }
 
 impl Node {
@@ -77,6 +80,7 @@ impl Node {
             entries: None,
             target: None,
             last_used: 0,
+            hoard: 0,
         }
     }
 
@@ -298,6 +302,19 @@ impl Cache {
         }
     }
 
+    /// Sets hoard priorities from a walk: listed nodes get theirs, all
+    /// others none.
+    pub fn set_hoard_priorities(&self, prio: &std::collections::HashMap<Fid, u32>) {
+        let mut nodes = self.nodes.lock().unwrap();
+        for (fid, n) in nodes.iter_mut() {
+            let p = prio.get(fid).copied().unwrap_or(0);
+            if n.hoard != p {
+                n.hoard = p;
+                let _ = self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n));
+            }
+        }
+    }
+
     /// Marks every node stale (after the server lost track of promises).
     pub fn invalidate_all(&self) -> Vec<Fid> {
         let mut nodes = self.nodes.lock().unwrap();
@@ -392,12 +409,13 @@ impl Cache {
     pub fn eviction_order(&self, open: &dyn Fn(Fid) -> bool) -> Vec<(Fid, u64)> {
         let nodes = self.nodes.lock().unwrap();
         let sizes = self.sizes.lock().unwrap();
-        let mut c: Vec<(u64, Fid, u64)> = nodes
+        // Unhoarded first, then the lowest hoard priorities; LRU within each.
+        let mut c: Vec<(u32, u64, Fid, u64)> = nodes
             .iter()
             .filter(|(f, n)| !n.dirty && !open(**f))
-            .filter_map(|(f, n)| sizes.get(f).map(|s| (n.last_used, *f, *s)))
+            .filter_map(|(f, n)| sizes.get(f).map(|s| (n.hoard, n.last_used, *f, *s)))
             .collect();
         c.sort_unstable();
-        c.into_iter().map(|(_, f, s)| (f, s)).collect()
+        c.into_iter().map(|(_, _, f, s)| (f, s)).collect()
     }
 }

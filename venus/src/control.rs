@@ -4,6 +4,7 @@
 
 use crate::cml::CmlOp;
 use crate::fs::Venus;
+use crate::hoard::{format_profile, parse_profile, Entry as HoardEntry, Scope, DEFAULT_PRIORITY};
 use crate::link::State;
 use crate::repair::Resolution;
 use common::Fid;
@@ -27,6 +28,30 @@ pub async fn serve(listener: UnixListener, venus: Arc<Venus>) {
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match serde_json::from_str::<Value>(&line) {
+                    Ok(req) if req["cmd"] == "hoard_walk" => {
+                        // Progress lines first, then the summary.
+                        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+                        let v = venus.clone();
+                        let job = tokio::task::spawn_blocking(move || {
+                            let mut last = 0usize;
+                            v.hoard_walk(&mut |done, total, bytes, total_bytes| {
+                                if done == total || done >= last + (total / 50).max(1) {
+                                    last = done;
+                                    let _ = tx.send(json!({ "progress": { "done": done, "total": total, "bytes": bytes, "total_bytes": total_bytes } }));
+                                }
+                            })
+                        });
+                        while let Some(p) = rx.recv().await {
+                            if wr.write_all(format!("{p}\n").as_bytes()).await.is_err() {
+                                break;
+                            }
+                        }
+                        match job.await {
+                            Ok(Ok(s)) => json!({ "summary": s }),
+                            Ok(Err(e)) => json!({ "error": e.to_string() }),
+                            Err(e) => json!({ "error": format!("walk failed: {e}") }),
+                        }
+                    }
                     Ok(req) => handle(&venus, &req).await,
                     Err(e) => json!({ "error": format!("bad request: {e}") }),
                 };
@@ -67,6 +92,40 @@ async fn handle(venus: &Venus, req: &Value) -> Value {
             let (n, bytes) = venus.flush_cache(under);
             json!({ "flushed": n, "bytes": bytes })
         }
+        "hoard_add" => {
+            let path = match venus.volume_path(req["path"].as_str().unwrap_or("")) {
+                Ok(p) => p,
+                Err(e) => return json!({ "error": e.to_string() }),
+            };
+            let scope = Scope::parse(req["scope"].as_str().unwrap_or("object")).unwrap_or(Scope::Object);
+            let priority = req["priority"].as_u64().unwrap_or(DEFAULT_PRIORITY as u64).min(u32::MAX as u64) as u32;
+            match venus.hoard.add(HoardEntry { path: path.clone(), priority, scope }) {
+                Ok(()) => json!({ "added": path }),
+                Err(e) => json!({ "error": e.to_string() }),
+            }
+        }
+        "hoard_rm" => match venus
+            .volume_path(req["path"].as_str().unwrap_or(""))
+            .and_then(|p| venus.hoard.remove(&p).map(|had| (p, had)))
+        {
+            Ok((_, true)) => json!({ "removed": true }),
+            Ok((p, false)) => json!({ "error": format!("{p} is not in the hoard list") }),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+        "hoard_ls" => json!({ "entries": venus.hoard.list() }),
+        "hoard_save" => json!({ "profile": format_profile(&venus.hoard.list()) }),
+        "hoard_load" => match parse_profile(req["text"].as_str().unwrap_or("")) {
+            Ok(entries) => {
+                let n = entries.len();
+                for e in entries {
+                    if let Err(err) = venus.hoard.add(e) {
+                        return json!({ "error": err.to_string() });
+                    }
+                }
+                json!({ "loaded": n })
+            }
+            Err(e) => json!({ "error": e }),
+        },
         "disconnect" => {
             venus.link.set_forced(true);
             let _ = venus.cache.meta_put("forced_offline", &[1]);
@@ -157,6 +216,14 @@ async fn status(venus: &Venus) -> Value {
         "cml_records": records.len(),
         "cml_bytes": cml_bytes,
         "conflicts": venus.conflicts.len(),
+        "hoard": {
+            "entries": venus.hoard.list().len(),
+            "objects": all.iter().filter(|(_, n)| n.hoard > 0).count(),
+            "bytes": all.iter().filter(|(_, n)| n.hoard > 0 && n.attr.kind == common::FileKind::File).map(|(_, n)| n.attr.size).sum::<u64>(),
+            "cached": all.iter().filter(|(_, n)| n.hoard > 0 && (n.cached || n.attr.kind != common::FileKind::File)).count(),
+            "current": all.iter().filter(|(_, n)| n.hoard > 0 && n.current()).count(),
+            "last_walk": venus.last_walk.lock().unwrap().clone(),
+        },
         "cache_bytes": venus.cache.bytes(),
         "cache_limit": venus.cache.limit,
         "objects": all.len(),
@@ -167,6 +234,34 @@ async fn status(venus: &Venus) -> Value {
         "stores": venus.counters.stores.load(Ordering::Relaxed),
         "local_hits": venus.counters.local_hits.load(Ordering::Relaxed),
     })
+}
+
+/// Sends a request whose reply comes as several lines; `line` sees each,
+/// and the last (with "summary" or "error") is returned.
+pub async fn request_stream(cache: &Path, req: Value, line: &mut dyn FnMut(&Value)) -> anyhow::Result<Value> {
+    let path = socket_path(cache);
+    let stream = UnixStream::connect(&path).await.map_err(|e| {
+        anyhow::anyhow!(
+            "venus does not seem to be running on {}: cannot connect to {}: {e}",
+            cache.display(),
+            path.display()
+        )
+    })?;
+    let (rd, mut wr) = stream.into_split();
+    wr.write_all(format!("{req}\n").as_bytes()).await?;
+    let mut lines = BufReader::new(rd).lines();
+    while let Some(l) = lines.next_line().await? {
+        let v: Value = serde_json::from_str(&l).map_err(|e| anyhow::anyhow!("bad reply from venus: {e}"))?;
+        if let Some(err) = v["error"].as_str() {
+            anyhow::bail!("{err}");
+        }
+        if v.get("progress").is_some() {
+            line(&v);
+            continue;
+        }
+        return Ok(v);
+    }
+    anyhow::bail!("venus closed the connection early")
 }
 
 /// Sends one request to the venus running on `cache`.

@@ -96,6 +96,10 @@ pub struct Venus {
     aliases_tree: sled::Tree,
     /// Last statfs answer, for statfs while offline.
     last_statfs: Mutex<Option<FsStats>>,
+    pub hoard: crate::hoard::Hoard,
+    /// One hoard walk at a time.
+    pub(crate) walk_lock: Mutex<()>,
+    pub last_walk: Mutex<Option<crate::hoard::Summary>>,
     pub counters: Counters,
 }
 
@@ -118,6 +122,7 @@ impl Venus {
         let cml = Cml::open(cache.db())?;
         let conflicts = Conflicts::open(cache.db(), &cache.dir)?;
         let aliases_tree = cache.db().open_tree("aliases")?;
+        let hoard = crate::hoard::Hoard::open(cache.db())?;
         let aliases = aliases_tree
             .iter()
             .flatten()
@@ -141,6 +146,9 @@ impl Venus {
             aliases: Mutex::new(aliases),
             aliases_tree,
             last_statfs: Mutex::new(None),
+            hoard,
+            walk_lock: Mutex::new(()),
+            last_walk: Mutex::new(None),
             counters: Counters::default(),
         })
     }
@@ -196,7 +204,15 @@ impl Venus {
 
     /// An uncached object asked for while offline: a clear error and a log line.
     pub(crate) fn not_cached(&self, fid: Fid, what: &str) -> VenusError {
-        tracing::warn!(path = %self.cache.path_of(fid), "{what} is not cached and the server is unreachable");
+        tracing::warn!(path = %self.cache.path_of(fid), what, "not cached, and the server is unreachable");
+        VenusError::Offline
+    }
+
+    /// Like `not_cached`, naming the object by its directory and name.
+    pub(crate) fn not_cached_name(&self, dir: Fid, name: &str) -> VenusError {
+        let dir_path = self.cache.path_of(dir);
+        let path = if dir_path == "/" { format!("/{name}") } else { format!("{dir_path}/{name}") };
+        tracing::warn!(%path, "not cached, and the server is unreachable");
         VenusError::Offline
     }
 
@@ -362,7 +378,7 @@ impl Venus {
                 Ok(Found::Entry(a, ttl))
             }
             Err(VenusError::Offline) => {
-                let (a, ttl) = self.cached_attr(fid, true).ok_or_else(|| self.not_cached(fid, "attributes"))?;
+                let (a, ttl) = self.cached_attr(fid, true).ok_or_else(|| self.not_cached_name(dir, name))?;
                 Ok(Found::Entry(a, ttl))
             }
             Err(e) => Err(e),
@@ -493,6 +509,10 @@ impl Venus {
         self.cache.touch(fid);
         self.evict_to_limit();
         self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))
+    }
+
+    pub(crate) async fn ensure_content_pub(&self, fid: Fid) -> Result<Node> {
+        self.ensure_content(fid, false).await
     }
 
     /// Opens `fid`; returns the handle and the shared state (for passthrough).

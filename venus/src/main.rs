@@ -8,6 +8,7 @@ mod control;
 mod errors;
 mod fs;
 mod fuse;
+mod hoard;
 mod link;
 mod mount;
 mod offline;
@@ -44,6 +45,9 @@ enum Cmd {
         /// Cache size limit, e.g. 512M, 10G.
         #[arg(long, default_value = "4G", value_parser = parse_size)]
         cache_size: u64,
+        /// Seconds between hoard walks while connected.
+        #[arg(long, default_value_t = 600)]
+        hoard_interval: u64,
     },
     /// State, cache use, pending changes.
     Status {
@@ -71,6 +75,57 @@ enum Cmd {
     Conflicts {
         #[command(subcommand)]
         cmd: ConflictsCmd,
+    },
+    /// Pin what you will need offline.
+    Hoard {
+        #[command(subcommand)]
+        cmd: HoardCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HoardCmd {
+    /// Hoard a path (the object alone unless --children or --descendants).
+    Add {
+        #[arg(long)]
+        cache: PathBuf,
+        path: PathBuf,
+        /// 1 (lowest) to 1000 (highest).
+        #[arg(long, default_value_t = hoard::DEFAULT_PRIORITY)]
+        priority: u32,
+        #[arg(long, conflicts_with = "descendants")]
+        children: bool,
+        /// Everything below, including entries created later.
+        #[arg(long)]
+        descendants: bool,
+    },
+    Rm {
+        #[arg(long)]
+        cache: PathBuf,
+        path: PathBuf,
+    },
+    Ls {
+        #[arg(long)]
+        cache: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch every hoarded object that is missing or stale, now.
+    Walk {
+        #[arg(long)]
+        cache: PathBuf,
+    },
+    /// Add the entries of a profile (PATH PRIORITY SCOPE per line).
+    Load {
+        #[arg(long)]
+        cache: PathBuf,
+        file: PathBuf,
+    },
+    /// Write the hoard list as a profile.
+    Save {
+        #[arg(long)]
+        cache: PathBuf,
+        file: PathBuf,
     },
 }
 
@@ -149,8 +204,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.cmd {
-        Cmd::Mount { mountpoint, server, key, cache, cache_size } => {
-            mount::run(mount::MountOptions { mountpoint, server, key, cache, cache_size })
+        Cmd::Mount { mountpoint, server, key, cache, cache_size, hoard_interval } => {
+            mount::run(mount::MountOptions { mountpoint, server, key, cache, cache_size, hoard_interval })
         }
         other => cli_command(other),
     };
@@ -267,10 +322,104 @@ fn cli_command(cmd: Cmd) -> anyhow::Result<()> {
                 .await?;
                 println!("{}", v["resolved"].as_str().unwrap_or("resolved"));
             }
+            Cmd::Hoard { cmd } => hoard_command(cmd).await?,
             Cmd::Mount { .. } => unreachable!("handled in main"),
         }
         Ok(())
     })
+}
+
+async fn hoard_command(cmd: HoardCmd) -> anyhow::Result<()> {
+    match cmd {
+        HoardCmd::Add { cache, path, priority, children, descendants } => {
+            let scope = if descendants {
+                "descendants"
+            } else if children {
+                "children"
+            } else {
+                "object"
+            };
+            let v = control::request(
+                &cache,
+                json!({"cmd": "hoard_add", "path": absolute(&path)?, "priority": priority, "scope": scope}),
+            )
+            .await?;
+            println!("hoarding {} (priority {priority}, {scope})", v["added"].as_str().unwrap_or("?"));
+        }
+        HoardCmd::Rm { cache, path } => {
+            control::request(&cache, json!({"cmd": "hoard_rm", "path": absolute(&path)?})).await?;
+        }
+        HoardCmd::Ls { cache, json } => {
+            let v = control::request(&cache, json!({"cmd": "hoard_ls"})).await?;
+            if json {
+                println!("{v}");
+            } else {
+                for e in v["entries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>5}  {:<12} {}",
+                        e["priority"],
+                        e["scope"].as_str().unwrap_or("?"),
+                        e["path"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        HoardCmd::Walk { cache } => {
+            use std::io::IsTerminal;
+            let tty = std::io::stdout().is_terminal();
+            let v = control::request_stream(&cache, json!({"cmd": "hoard_walk"}), &mut |p| {
+                let p = &p["progress"];
+                let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                let mib = |k: &str| p[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+                if tty {
+                    let width = 30usize;
+                    let filled = if total == 0 { width } else { (done as usize * width / total as usize).min(width) };
+                    print!(
+                        "\r[{}{}] {done}/{total} objects, {:.1}/{:.1} MiB",
+                        "#".repeat(filled),
+                        " ".repeat(width - filled),
+                        mib("bytes"),
+                        mib("total_bytes")
+                    );
+                    let _ = std::io::Write::flush(&mut std::io::stdout());
+                } else {
+                    println!("hoard: {done}/{total} objects, {:.1}/{:.1} MiB", mib("bytes"), mib("total_bytes"));
+                }
+            })
+            .await?;
+            if tty {
+                println!();
+            }
+            let s = &v["summary"];
+            println!(
+                "hoard walk: {} objects ({:.1} MiB): {} fetched ({:.1} MiB), {} already current, {} failed, {} did not fit",
+                s["objects"],
+                s["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                s["fetched"],
+                s["fetched_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                s["current"],
+                s["failed"].as_array().map(|a| a.len()).unwrap_or(0),
+                s["did_not_fit"].as_array().map(|a| a.len()).unwrap_or(0)
+            );
+            for f in s["failed"].as_array().into_iter().flatten() {
+                println!("  failed: {}: {}", f[0].as_str().unwrap_or("?"), f[1].as_str().unwrap_or("?"));
+            }
+            for p in s["did_not_fit"].as_array().into_iter().flatten() {
+                println!("  did not fit in the cache: {}", p.as_str().unwrap_or("?"));
+            }
+        }
+        HoardCmd::Load { cache, file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let v = control::request(&cache, json!({"cmd": "hoard_load", "text": text})).await?;
+            println!("loaded {} entries", v["loaded"]);
+        }
+        HoardCmd::Save { cache, file } => {
+            let v = control::request(&cache, json!({"cmd": "hoard_save"})).await?;
+            std::fs::write(&file, v["profile"].as_str().unwrap_or(""))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// An absolute form of a path (without resolving symlinks: the object may

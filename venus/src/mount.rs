@@ -23,6 +23,8 @@ pub struct MountOptions {
     pub key: PathBuf,
     pub cache: PathBuf,
     pub cache_size: u64,
+    /// Seconds between hoard walks while connected.
+    pub hoard_interval: u64,
 }
 
 /// Sequence numbers are reserved in blocks, persisted before use, so a
@@ -108,6 +110,17 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         }
     });
     rt.spawn(keeper(venus.clone()));
+    // Periodic hoard walks while connected.
+    let v = venus.clone();
+    let interval = Duration::from_secs(opts.hoard_interval.max(1));
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if v.link.is_connected() && !v.hoard.list().is_empty() {
+                walk_in_background(v.clone(), "periodic").await;
+            }
+        }
+    });
     // The sequence-number reservation, and stores left dirty by a crash.
     let v = venus.clone();
     rt.spawn(async move {
@@ -273,11 +286,27 @@ async fn keeper(v: Arc<Venus>) {
                         if n > 0 {
                             tracing::info!(stored = n, "deferred stores reached the server");
                         }
+                        // Back online: bring the hoard up to date.
+                        if !v.hoard.list().is_empty() {
+                            tokio::spawn(walk_in_background(v.clone(), "after reconnection"));
+                        }
                     }
                     Err(e) => v.link.set(State::Disconnected, format!("reintegration interrupted: {e}")),
                 }
             }
         }
+    }
+}
+
+async fn walk_in_background(v: Arc<Venus>, why: &'static str) {
+    let r = tokio::task::spawn_blocking(move || v.hoard_walk(&mut |_, _, _, _| {})).await;
+    match r {
+        Ok(Ok(s)) if !s.did_not_fit.is_empty() || !s.failed.is_empty() => {
+            tracing::warn!(why, failed = s.failed.len(), did_not_fit = s.did_not_fit.len(), "hoard walk incomplete")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(why, "hoard walk skipped: {e}"),
+        Err(e) => tracing::warn!(why, "hoard walk failed: {e}"),
     }
 }
 
