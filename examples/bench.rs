@@ -6,6 +6,7 @@
 //! - cold fetch of that file through the mount, against a raw TCP copy of the
 //!   same bytes over loopback (read from disk, send, receive, write to disk);
 //! - RPCs per warm open+stat+close of small cached files (target 0);
+//! - reintegration of BENCH_OPS logged operations vs the same done connected;
 //! - peak memory (VmHWM) of venus and afsd.
 //!
 //! Run: `cargo build --release --workspace && cargo run --release --example bench`
@@ -233,6 +234,33 @@ fn main() {
     }
     let local_open = t.elapsed();
 
+    // Reintegration of N logged operations vs doing them connected.
+    let ops: usize = std::env::var("BENCH_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let files = ops / 2; // each file is two operations: create, store
+    let connected_dir = mnt.join("connected");
+    std::fs::create_dir_all(&connected_dir).unwrap();
+    let t = Instant::now();
+    for i in 0..files {
+        std::fs::write(connected_dir.join(format!("f{i:05}")), format!("file {i}\n")).unwrap();
+    }
+    let connected_time = t.elapsed();
+    let venus_cli = |args: &[&str]| {
+        let out = Command::new(bin("venus")).args(args).arg("--cache").arg(&cache).output().unwrap();
+        assert!(out.status.success(), "venus {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let offline_dir = mnt.join("offline");
+    std::fs::create_dir_all(&offline_dir).unwrap();
+    venus_cli(&["disconnect"]);
+    let t = Instant::now();
+    for i in 0..files {
+        std::fs::write(offline_dir.join(format!("f{i:05}")), format!("file {i}\n")).unwrap();
+    }
+    let offline_time = t.elapsed();
+    let t = Instant::now();
+    venus_cli(&["reconnect"]);
+    let reintegration_time = t.elapsed();
+    assert_eq!(std::fs::read_dir(export.join("offline")).unwrap().count(), files, "every offline file reached the server");
+
     let venus_hwm = hwm_kib(venus.id());
     let afsd_hwm = hwm_kib(afsd.id());
 
@@ -274,6 +302,13 @@ fn main() {
         open_time.as_secs_f64() / local_open.as_secs_f64()
     );
     println!("| RPCs per warm open | {:.3} | 0 | - | 0 |", rpcs as f64 / 1000.0);
+    println!(
+        "| {ops} operations ({files} small files created and written): reintegration vs connected | {:.2} s | {:.2} s | {:.2} | <= 1.0 |",
+        reintegration_time.as_secs_f64(),
+        connected_time.as_secs_f64(),
+        reintegration_time.as_secs_f64() / connected_time.as_secs_f64()
+    );
+    println!("| the same {ops} operations made offline (logged locally) | {:.2} s | - | - | - |", offline_time.as_secs_f64());
     println!(
         "| peak memory (VmHWM) venus / afsd | {} MiB / {} MiB | - | - | venus < 100 MiB |",
         venus_hwm / 1024,
