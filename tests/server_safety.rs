@@ -321,3 +321,64 @@ async fn raw_session(afsd: &Afsd) -> (tokio::net::TcpStream, uuid::Uuid) {
     assert!(matches!(welcome, Message::Welcome { .. }));
     (s, client)
 }
+
+/// Stores into a file while another client keeps renaming its ancestor
+/// directory: every store lands in that file, wherever it now lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_race_renames_of_an_ancestor() {
+    let dir = TestDir::new("rename-race");
+    let afsd = Afsd::start(dir.path());
+    let (a, b) = (afsd.client().await, afsd.client().await);
+    let d1 = a.mkdir(MkdirReq { dir: Fid::ROOT, name: "d1".into(), mode: 0o755 }).await.unwrap().attr.fid;
+    let sub = a.mkdir(MkdirReq { dir: d1, name: "sub".into(), mode: 0o755 }).await.unwrap().attr.fid;
+    let f = a.create(CreateReq { dir: sub, name: "f".into(), mode: 0o644, exclusive: true }).await.unwrap().attr;
+    let writer = tokio::spawn(async move {
+        let mut base = f.version;
+        for i in 0..150u32 {
+            let data = format!("round {i}\n").into_bytes();
+            let r = a
+                .store(StoreReq {
+                    fid: f.fid,
+                    base,
+                    size: data.len() as u64,
+                    data: StoreData::Inline(data),
+                    mtime: None,
+                    mode: None,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("store {i} failed while its directory moved: {e}"));
+            base = r.attr.version;
+        }
+    });
+    let renamer = tokio::spawn(async move {
+        for i in 0..60 {
+            let (from, to) = if i % 2 == 0 { ("d1", "d2") } else { ("d2", "d1") };
+            b.rename(RenameReq {
+                from_dir: Fid::ROOT,
+                from_name: from.into(),
+                to_dir: Fid::ROOT,
+                to_name: to.into(),
+                no_replace: true,
+            })
+            .await
+            .unwrap();
+        }
+    });
+    writer.await.unwrap();
+    renamer.await.unwrap();
+    // 60 renames end where they started.
+    assert_eq!(std::fs::read_to_string(afsd.export.join("d1/sub/f")).unwrap(), "round 149\n");
+    let mut all = Vec::new();
+    let mut stack = vec![afsd.export.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            all.push(p.strip_prefix(&afsd.export).unwrap().display().to_string());
+        }
+    }
+    all.sort();
+    assert_eq!(all, vec!["d1", "d1/sub", "d1/sub/f"], "nothing landed anywhere else");
+}

@@ -17,6 +17,13 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
+/// The namespace lock, held shared or exclusive (for its `Drop` only).
+#[allow(dead_code)]
+enum NsGuard<'a> {
+    Read(tokio::sync::RwLockReadGuard<'a, ()>),
+    Write(tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
 /// A name to create: what `make` needs to know.
 struct NewName {
     dir: Fid,
@@ -71,6 +78,7 @@ impl Volume {
             return Err(FsError::Access);
         }
         let fid = self.new_fid()?;
+        let _ns = self.ns_lock.read().await;
         let _g = self.lock(&[dir, fid]).await;
         let (d, dpath) = self.open_dir(dir)?;
         let (dobj, dst) = self.current(dir, true).await?;
@@ -217,6 +225,7 @@ impl Service for Volume {
         // Open and read the version under the lock, so the descriptor and the
         // version belong together; the data is read after letting go.
         let (file, attr) = {
+            let _ns = self.ns_lock.read().await;
             let _g = self.lock(&[req.fid]).await;
             let obj = self.object(req.fid)?;
             let path = self.path_of(req.fid)?;
@@ -335,6 +344,7 @@ impl Service for Volume {
         if len != req.size {
             return Err(discard(FsError::Invalid(format!("staged {len} bytes for a size of {}", req.size))));
         }
+        let _ns = self.ns_lock.read().await;
         let _g = self.lock(&[req.fid]).await;
         let result = async {
             let (obj, st) = self.current(req.fid, true).await?;
@@ -402,6 +412,7 @@ impl Service for Volume {
         if self.hidden(req.dir, &req.name) {
             return Err(FsError::Access);
         }
+        let _ns = self.ns_lock.read().await;
         let _g = self.lock(&[req.dir, req.fid]).await;
         let (d, dpath) = self.open_dir(req.dir)?;
         let (dobj, dst) = self.current(req.dir, true).await?;
@@ -461,11 +472,24 @@ impl Service for Volume {
         // Lock the directories, find the objects, and make sure their stripes
         // are held too; if not, start over holding all of them.
         let mut want = vec![req.from_dir, req.to_dir];
+        // Moving a directory changes the paths of everything below it: it
+        // runs alone (other changes hold the namespace lock shared, from
+        // planning to applying, so their paths stay put).
+        let mut exclusive = false;
         for _ in 0..8 {
+            let _ns = if exclusive {
+                NsGuard::Write(self.ns_lock.write().await)
+            } else {
+                NsGuard::Read(self.ns_lock.read().await)
+            };
             let _g = self.lock(&want).await;
             let (fd, fpath) = self.open_dir(req.from_dir)?;
             let (td, tpath) = self.open_dir(req.to_dir)?;
             let (src, sobj, sst) = self.resolve_locked(&fd, req.from_dir, &req.from_name)?.ok_or(FsError::NotFound)?;
+            if sobj.kind == FileKind::Dir && !exclusive {
+                exclusive = true;
+                continue;
+            }
             let target = self.resolve_locked(&td, req.to_dir, &req.to_name)?;
             let mut need = vec![src];
             if let Some((t, _, _)) = &target {
@@ -574,6 +598,7 @@ impl Service for Volume {
         if [req.set.atime, req.set.mtime].iter().flatten().any(|t| !t.is_valid()) {
             return Err(FsError::Invalid("time out of range".into()));
         }
+        let _ns = self.ns_lock.read().await;
         let _g = self.lock(&[req.fid]).await;
         let (obj, st) = self.current(req.fid, true).await?;
         check_base(self, req.fid, &obj, &st, req.base.as_ref())?;
@@ -739,6 +764,7 @@ impl Volume {
             return Err(FsError::Access);
         }
         let mut want = vec![dir];
+        let _ns = self.ns_lock.read().await;
         for _ in 0..8 {
             let _g = self.lock(&want).await;
             let (d, dpath) = self.open_dir(dir)?;

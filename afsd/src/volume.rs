@@ -109,6 +109,9 @@ pub struct Volume {
     pub handles: Handles,
     pub stats: Stats,
     failpoint: Option<String>,
+    /// Held shared by every namespace mutation from planning to applying,
+    /// exclusive by a rename of a directory (which moves the paths below it).
+    pub ns_lock: tokio::sync::RwLock<()>,
     /// Serialises reintegration batches per client.
     reintegrating: std::sync::Mutex<std::collections::HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -138,6 +141,7 @@ impl Volume {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stats: Stats::default(),
             failpoint: std::env::var("AFSD_FAILPOINT").ok(),
+            ns_lock: tokio::sync::RwLock::new(()),
             reintegrating: Default::default(),
         })
     }
