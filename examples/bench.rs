@@ -259,7 +259,11 @@ fn main() {
     let t = Instant::now();
     venus_cli(&["reconnect"]);
     let reintegration_time = t.elapsed();
-    assert_eq!(std::fs::read_dir(export.join("offline")).unwrap().count(), files, "every offline file reached the server");
+    assert_eq!(
+        std::fs::read_dir(export.join("offline")).unwrap().count(),
+        files,
+        "every offline file reached the server"
+    );
 
     let venus_hwm = hwm_kib(venus.id());
     let afsd_hwm = hwm_kib(afsd.id());
@@ -308,7 +312,10 @@ fn main() {
         connected_time.as_secs_f64(),
         reintegration_time.as_secs_f64() / connected_time.as_secs_f64()
     );
-    println!("| the same {ops} operations made offline (logged locally) | {:.2} s | - | - | - |", offline_time.as_secs_f64());
+    println!(
+        "| the same {ops} operations made offline (logged locally) | {:.2} s | - | - | - |",
+        offline_time.as_secs_f64()
+    );
     println!(
         "| peak memory (VmHWM) venus / afsd | {} MiB / {} MiB | - | - | venus < 100 MiB |",
         venus_hwm / 1024,
