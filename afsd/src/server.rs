@@ -44,8 +44,8 @@ impl Hooks for Volume {
         self.stats.count(kind);
     }
 
-    fn before_reply(&self, kind: OpKind) {
-        Volume::before_reply(self, kind);
+    async fn before_reply(&self, xid: &Xid, kind: OpKind) {
+        Volume::before_reply(self, xid, kind).await;
     }
 }
 

@@ -105,7 +105,10 @@ pub struct Volume {
     /// The staging directory's name when it lives inside the export root.
     pub staging_in_export: Option<String>,
     stripes: Vec<tokio::sync::Mutex<()>>,
-    pub callbacks: Callbacks,
+    pub callbacks: Arc<Callbacks>,
+    /// Breaks sent by a client's changes and not yet acknowledged: the
+    /// reply to the change waits for them, after its locks are released.
+    pending_breaks: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<tokio::task::JoinHandle<()>>>>,
     pub handles: Handles,
     pub stats: Stats,
     failpoint: Option<String>,
@@ -130,7 +133,8 @@ impl Volume {
         let staging = export::open_dir_path(&staging_path)?;
         Ok(Volume {
             export,
-            callbacks: Callbacks::new(db.clone()),
+            callbacks: Arc::new(Callbacks::new(db.clone())),
+            pending_breaks: Default::default(),
             handles: Handles::new(staging_path.clone()),
             db,
             server_id,
@@ -428,7 +432,11 @@ impl Volume {
         self.reseen(&plan.reseen);
         self.drop_intent(intent_id);
         if !plan.breaks.is_empty() {
-            self.callbacks.break_fids(&plan.breaks, Some(xid.client)).await;
+            // Sent now; awaited in `before_reply`, once the caller's locks are
+            // released, so a slow holder delays only this reply.
+            let (callbacks, breaks, client) = (self.callbacks.clone(), plan.breaks, xid.client);
+            let task = tokio::spawn(async move { callbacks.break_fids(&breaks, Some(client)).await });
+            self.pending_breaks.lock().unwrap().entry(xid.client).or_default().push(task);
         }
         Ok(reply)
     }
@@ -458,7 +466,11 @@ impl Volume {
         }
     }
 
-    pub fn before_reply(&self, kind: OpKind) {
+    pub async fn before_reply(&self, xid: &Xid, kind: OpKind) {
+        let pending = self.pending_breaks.lock().unwrap().remove(&xid.client).unwrap_or_default();
+        for task in pending {
+            let _ = task.await;
+        }
         self.failpoint("crash-before-reply", kind);
     }
 

@@ -1103,13 +1103,11 @@ impl Venus {
             let names: Vec<String> = self
                 .cache
                 .update(fid, |n| {
+                    // Stale, not forgotten: connected, the listing is fetched
+                    // again before use; offline, a stale listing is better
+                    // than none (and holds offline edits until reintegrated).
                     n.valid = false;
-                    // Offline edits live in the listing until reintegrated.
-                    if n.entries.is_some() && self.cml.is_empty() {
-                        n.entries.take().map(|e| e.into_keys().collect()).unwrap_or_default()
-                    } else {
-                        n.entries.as_ref().map(|e| e.keys().cloned().collect()).unwrap_or_default()
-                    }
+                    n.entries.as_ref().map(|e| e.keys().cloned().collect()).unwrap_or_default()
                 })
                 .unwrap_or_default();
             let negs = self.negatives.lock().unwrap().remove(&fid).unwrap_or_default();

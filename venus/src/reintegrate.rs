@@ -72,6 +72,23 @@ impl Venus {
             let mut merged_locals: HashSet<Fid> = HashSet::new();
             let mut kept = 0;
             for (rec, result) in sent.iter().zip(reply.results) {
+                // Every directory an offline change touched is listed afresh
+                // afterwards: its cached listing holds the offline view.
+                match &rec.op {
+                    CmlOp::Create { dir, .. }
+                    | CmlOp::Mkdir { dir, .. }
+                    | CmlOp::Symlink { dir, .. }
+                    | CmlOp::Link { dir, .. }
+                    | CmlOp::Remove { dir, .. }
+                    | CmlOp::Rmdir { dir, .. } => {
+                        touched_dirs.insert(*dir);
+                    }
+                    CmlOp::Rename { from_dir, to_dir, .. } => {
+                        touched_dirs.insert(*from_dir);
+                        touched_dirs.insert(*to_dir);
+                    }
+                    _ => {}
+                }
                 if rec.op.fids().iter().any(|f| failed_locals.contains(f)) {
                     // Its object's creation became a conflict, which kept its content.
                     self.finish(rec)?;
@@ -122,7 +139,13 @@ impl Venus {
             }
         }
         if !touched_dirs.is_empty() {
-            let dirs: Vec<Fid> = touched_dirs.into_iter().collect();
+            let dirs: Vec<Fid> = touched_dirs.into_iter().map(|d| self.resolve(d)).collect();
+            for d in &dirs {
+                self.cache.update(*d, |n| {
+                    n.valid = false;
+                    n.entries = None;
+                });
+            }
             self.on_break(&dirs);
         }
         if summary.applied + summary.conflicts > 0 {
@@ -300,6 +323,22 @@ impl Venus {
     /// nothing to do when the server already has the intended effect.
     async fn refused(&self, rec: &Record, err: FsError, dirs: &mut HashSet<Fid>) -> Result<Refusal> {
         let detail = err.to_string();
+        // The kernel may remember this name as the offline change left it
+        // (a removed name as absent, say): the server's version must show.
+        let names: Vec<(Fid, String)> = match &rec.op {
+            CmlOp::Create { dir, name, .. }
+            | CmlOp::Mkdir { dir, name, .. }
+            | CmlOp::Symlink { dir, name, .. }
+            | CmlOp::Link { dir, name, .. }
+            | CmlOp::Remove { dir, name, .. }
+            | CmlOp::Rmdir { dir, name, .. } => vec![(*dir, name.clone())],
+            CmlOp::Rename { from_dir, from, to_dir, to, .. } => vec![(*from_dir, from.clone()), (*to_dir, to.clone())],
+            _ => vec![],
+        };
+        for (dir, name) in names {
+            let dir = self.resolve(dir);
+            tokio::task::block_in_place(|| self.invalidate_kernel_entry(dir, &name));
+        }
         let path_in = |dir: Fid, name: &str| {
             let p = self.cache.path_of(self.resolve(dir));
             if p == "/" {

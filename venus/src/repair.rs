@@ -191,12 +191,16 @@ impl Venus {
             },
         };
         self.conflicts.remove(c.id)?;
-        // Our own view of the directory and object must reflect the result.
+        // Our own view of the directory and object must reflect the result,
+        // and so must the kernel's memory of the name.
         let mut stale = vec![dir];
         if let Some(a) = server {
             stale.push(a.fid);
         }
-        self.on_break(&stale);
+        tokio::task::block_in_place(|| {
+            self.on_break(&stale);
+            self.invalidate_kernel_entry(dir, &name);
+        });
         tracing::info!(path = %c.path, "conflict resolved: {outcome}");
         Ok(outcome)
     }

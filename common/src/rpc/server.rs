@@ -41,8 +41,11 @@ pub trait Hooks: Send + Sync + 'static {
     fn acknowledged(&self, client: Uuid, seq: u64);
     /// Counts one request (duplicates included).
     fn count(&self, _kind: OpKind) {}
-    /// Called after a request ran and before its reply is sent.
-    fn before_reply(&self, _kind: OpKind) {}
+    /// Awaited after a request ran (and released whatever it held) and
+    /// before its reply is sent.
+    fn before_reply(&self, _xid: &Xid, _kind: OpKind) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Sends server pushes down one connection.
@@ -324,7 +327,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                 guard.armed = false;
                 self.finish(&xid, kind, &result);
                 let _ = tx.send(Some(result.clone()));
-                self.service.before_reply(kind);
+                self.service.before_reply(&xid, kind).await;
                 result
             }
         };
