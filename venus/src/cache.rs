@@ -65,6 +65,9 @@ pub struct Node {
     /// Hoard priority (0: not hoarded); evicted last, lowest first.
     #[serde(default)]
     pub hoard: u32,
+    /// The transaction id of a store in flight (kept across a crash).
+    #[serde(default)]
+    pub store_seq: Option<u64>,
 }
 
 impl Node {
@@ -81,6 +84,7 @@ impl Node {
             target: None,
             last_used: 0,
             hoard: 0,
+            store_seq: None,
         }
     }
 

@@ -614,18 +614,33 @@ impl Venus {
             return self.log_store(fid, shared, now, base, None);
         }
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
-        let seq = self.client.allocate_sequence();
+        // A store cut short by a crash of venus is resent under the same
+        // transaction id (the node remembers it), so it runs at most once
+        // instead of coming back as a conflict with itself.
+        let (seq, resent) = match self.cache.view(fid, |n| n.store_seq).flatten() {
+            Some(s) => (s, true),
+            None => {
+                let s = self.client.allocate_sequence();
+                self.cache.update(fid, |n| n.store_seq = Some(s));
+                (s, false)
+            }
+        };
         let mtime = Some(now.mtime);
         let result =
             common::rpc::store_with_seq(&self.client, seq, fid, base.clone(), shared.file.clone(), mtime, None).await;
         if !matches!(&result, Err(e) if e.is_transport()) {
             self.client.unhold(seq);
         }
+        // From here the log (transport failure) or nobody owns the id.
+        self.cache.update(fid, |n| n.store_seq = None);
         match result {
             Ok(reply) => {
                 let after = ContainerStamp::of(&shared.file.metadata()?);
                 *shared.base.lock().unwrap() = reply.attr.version.clone();
-                let written_since = after != now;
+                // A resent store may be answered with the reply to an earlier
+                // attempt of other content: then this content is still ours to store.
+                let answered_other = resent && (reply.attr.size != now.size || reply.attr.mtime != now.mtime);
+                let written_since = after != now || answered_other;
                 *shared.synced.lock().unwrap() = if written_since { ContainerStamp::default() } else { after };
                 let same_container =
                     std::fs::metadata(self.cache.container_path(fid)).map(|m| m.ino() == after.ino).unwrap_or(false);

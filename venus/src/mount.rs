@@ -68,9 +68,15 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     client.resume_sequence_after(seq_floor);
     let mountpoint = std::fs::canonicalize(&opts.mountpoint).unwrap_or_else(|_| opts.mountpoint.clone());
     let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache, Link::new(forced), mountpoint)?);
-    // Records sent before a restart keep their replies held on the server.
+    // Records sent before a restart, and stores cut short by it, keep their
+    // replies held on the server.
     for r in venus.cml.records() {
         if let Some(s) = r.seq {
+            client.hold(s);
+        }
+    }
+    for (_, n) in venus.cache.all() {
+        if let Some(s) = n.store_seq {
             client.hold(s);
         }
     }
