@@ -48,7 +48,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tune_allocator();
+    common::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -91,16 +91,4 @@ async fn print_stats(state: &std::path::Path, json: bool) -> anyhow::Result<()> 
         }
     }
     Ok(())
-}
-
-/// Bulk data moves in 1 MiB buffers. glibc would serve each from a fresh
-/// mmap and unmap it on free (page faults on every chunk); keeping such
-/// buffers on the heap and not trimming it eagerly makes transfers several
-/// times cheaper. Memory stays bounded by the transfer windows.
-fn tune_allocator() {
-    // SAFETY: mallopt only adjusts allocator thresholds.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-    }
 }

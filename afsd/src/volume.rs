@@ -280,27 +280,14 @@ impl Volume {
     /// behind its back get a new version.
     pub async fn resolve(&self, dir: Fid, name: &str) -> Result<(Fid, Object, Stat), FsError> {
         common::error::validate_name(name)?;
-        if self.hidden(dir, name) {
-            return Err(FsError::NotFound);
-        }
         let (d, _) = self.open_dir(dir)?;
-        let st = d.lstat(name)?;
-        // Devices, FIFOs and sockets are not part of the volume.
-        let kind = Self::kind_of(&st).ok_or(FsError::NotFound)?;
-        let fid = match self.db.dirent(dir, name)? {
-            Some(fid) => match self.db.object(fid)? {
-                Some(o) if o.kind == kind => fid,
-                _ => self.adopt(dir, name, kind, &st)?,
-            },
-            None => self.adopt(dir, name, kind, &st)?,
-        };
-        let obj = self.object(fid)?;
+        let (fid, obj, st) = self.resolve_locked(&d, dir, name)?.ok_or(FsError::NotFound)?;
         let obj = self.notice_external(fid, obj, &st, false).await?;
         Ok((fid, obj, st))
     }
 
-    /// Like [`Volume::resolve`], for a caller that holds the directory's
-    /// stripe and an open `dir`; `None` when the name does not exist.
+    /// Like [`Volume::resolve`], for a caller with an open `dir` (and
+    /// without noticing outside edits); `None` when the name does not exist.
     pub fn resolve_locked(&self, dir: &Dir, dir_fid: Fid, name: &str) -> Result<Option<(Fid, Object, Stat)>, FsError> {
         if self.hidden(dir_fid, name) {
             return Ok(None);
@@ -310,6 +297,7 @@ impl Volume {
             Err(FsError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
         };
+        // Devices, FIFOs and sockets are not part of the volume.
         let Some(kind) = Self::kind_of(&st) else { return Ok(None) };
         let fid = match self.db.dirent(dir_fid, name)? {
             Some(fid) => match self.db.object(fid)? {

@@ -133,18 +133,8 @@ impl Afsd {
 
     /// SIGTERM (a clean shutdown), and wait.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if c.try_wait().unwrap().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("afsd did not stop within 20 s of SIGTERM");
+        if let Some(c) = self.child.take() {
+            terminate(c, "afsd");
         }
     }
 
@@ -195,6 +185,21 @@ impl Drop for Afsd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGTERM, then waits (30 s at most) for a clean exit.
+fn terminate(mut c: Child, what: &str) {
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if c.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    panic!("{what} did not stop within 30 s of SIGTERM");
 }
 
 /// Polls `f` until it returns true or `limit` passes.
@@ -298,18 +303,8 @@ impl VenusMount {
 
     /// SIGTERM: finish stores, unmount, exit.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if c.try_wait().unwrap().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("venus did not stop within 30 s of SIGTERM");
+        if let Some(c) = self.child.take() {
+            terminate(c, "venus");
         }
     }
 

@@ -236,9 +236,7 @@ async fn status(venus: &Venus) -> Value {
     })
 }
 
-/// Sends a request whose reply comes as several lines; `line` sees each,
-/// and the last (with "summary" or "error") is returned.
-pub async fn request_stream(cache: &Path, req: Value, line: &mut dyn FnMut(&Value)) -> anyhow::Result<Value> {
+async fn connect(cache: &Path) -> anyhow::Result<(tokio::net::unix::OwnedReadHalf, tokio::net::unix::OwnedWriteHalf)> {
     let path = socket_path(cache);
     let stream = UnixStream::connect(&path).await.map_err(|e| {
         anyhow::anyhow!(
@@ -247,7 +245,13 @@ pub async fn request_stream(cache: &Path, req: Value, line: &mut dyn FnMut(&Valu
             path.display()
         )
     })?;
-    let (rd, mut wr) = stream.into_split();
+    Ok(stream.into_split())
+}
+
+/// Sends a request whose reply comes as several lines; `line` sees each,
+/// and the last (with "summary" or "error") is returned.
+pub async fn request_stream(cache: &Path, req: Value, line: &mut dyn FnMut(&Value)) -> anyhow::Result<Value> {
+    let (rd, mut wr) = connect(cache).await?;
     wr.write_all(format!("{req}\n").as_bytes()).await?;
     let mut lines = BufReader::new(rd).lines();
     while let Some(l) = lines.next_line().await? {
@@ -266,15 +270,7 @@ pub async fn request_stream(cache: &Path, req: Value, line: &mut dyn FnMut(&Valu
 
 /// Sends one request to the venus running on `cache`.
 pub async fn request(cache: &Path, req: Value) -> anyhow::Result<Value> {
-    let path = socket_path(cache);
-    let stream = UnixStream::connect(&path).await.map_err(|e| {
-        anyhow::anyhow!(
-            "venus does not seem to be running on {}: cannot connect to {}: {e}",
-            cache.display(),
-            path.display()
-        )
-    })?;
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = connect(cache).await?;
     wr.write_all(format!("{req}\n").as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(rd).read_line(&mut line).await?;

@@ -198,7 +198,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tune_allocator();
+    common::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -443,16 +443,4 @@ fn absolute(p: &Path) -> anyhow::Result<String> {
 fn fid_of(path: &Path) -> anyhow::Result<u64> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(meta.ino())
-}
-
-/// Bulk data moves in 1 MiB buffers. glibc would serve each from a fresh
-/// mmap and unmap it on free (page faults on every chunk); keeping such
-/// buffers on the heap and not trimming it eagerly makes transfers several
-/// times cheaper. Memory stays bounded by the transfer windows.
-fn tune_allocator() {
-    // SAFETY: mallopt only adjusts allocator thresholds.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-    }
 }
