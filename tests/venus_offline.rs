@@ -389,3 +389,25 @@ fn a_connected_store_on_an_old_version_is_a_conflict() {
     let local = fs::read_to_string(c["local_copy"].as_str().unwrap()).unwrap();
     assert!(local.starts_with("B on v1"), "B's content is kept: {local:?}");
 }
+
+/// The server dies, venus logs changes, venus itself is killed, both come
+/// back: the restarted venus reintegrates at startup, nothing lost.
+#[test]
+fn a_log_left_by_a_crash_is_reintegrated_at_startup() {
+    let dir = TestDir::new("offline-startup");
+    let mut afsd = Afsd::start(dir.path());
+    let mut a = VenusMount::start(dir.path(), "a", &afsd);
+    make_tree(&a.mountpoint);
+    afsd.kill();
+    offline_edits(&a.mountpoint);
+    a.wait_state("disconnected", Duration::from_secs(10));
+    let expected = snapshot(&a.mountpoint);
+    a.kill();
+    afsd.restart();
+    a.restart();
+    assert!(eventually(Duration::from_secs(30), || a.status()["cml_records"] == 0), "{}", a.status());
+    assert_eq!(a.status()["state"], "connected");
+    let got = snapshot(&afsd.export);
+    let diff: Vec<_> = got.keys().chain(expected.keys()).filter(|k| got.get(*k) != expected.get(*k)).collect();
+    assert!(diff.is_empty(), "the server lacks changes made before the crash: {diff:?}");
+}

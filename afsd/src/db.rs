@@ -21,6 +21,17 @@ pub struct Seen {
     pub ctime: Timestamp,
 }
 
+impl Seen {
+    /// Whether two states show the same content. ctime is left out: renames,
+    /// links and chmod change it, and the server's own record of them may
+    /// be lost in a crash (it is written without a flush), which must not
+    /// make the object look edited behind the server's back. Writes change
+    /// mtime or size, and editors that save by rename change the inode.
+    pub fn same_content(&self, other: &Seen) -> bool {
+        self.ino == other.ino && self.size == other.size && self.mtime == other.mtime
+    }
+}
+
 impl From<&crate::export::Stat> for Seen {
     fn from(s: &crate::export::Stat) -> Self {
         Seen { ino: s.ino, size: s.size, mtime: s.mtime, ctime: s.ctime }

@@ -361,7 +361,7 @@ impl Volume {
     /// a new version and its promises are broken. `held` is true when the
     /// caller already holds the object's stripe.
     pub async fn notice_external(&self, fid: Fid, obj: Object, st: &Stat, held: bool) -> Result<Object, FsError> {
-        if Seen::from(st) == obj.seen {
+        if Seen::from(st).same_content(&obj.seen) {
             return Ok(obj);
         }
         let _guard = if held { None } else { Some(self.lock(&[fid]).await) };
@@ -371,7 +371,7 @@ impl Volume {
             Ok(s) => s,
             Err(_) => *st,
         };
-        if Seen::from(&st) == obj.seen {
+        if Seen::from(&st).same_content(&obj.seen) {
             return Ok(obj);
         }
         let mut obj = obj;

@@ -146,7 +146,9 @@ impl Venus {
                     n.entries = None;
                 });
             }
-            self.on_break(&dirs);
+            // Kernel invalidations may wait on inode locks held by requests
+            // that need a runtime worker: never block a worker with them.
+            tokio::task::block_in_place(|| self.on_break(&dirs));
         }
         if summary.applied + summary.conflicts > 0 {
             tracing::info!(applied = summary.applied, conflicts = summary.conflicts, "reintegration complete");
@@ -238,7 +240,7 @@ impl Venus {
             | (CmlOp::Symlink { dir, name, fid: local, .. }, Reply::Symlink(e)) => {
                 let server = e.attr.fid;
                 self.adopt_server_fid(*local, server, &e.attr, promise_exp(e.promise))?;
-                self.invalidate_kernel_entry(self.resolve(*dir), name);
+                tokio::task::block_in_place(|| self.invalidate_kernel_entry(self.resolve(*dir), name));
             }
             (CmlOp::Link { fid, .. }, Reply::Link(e)) => {
                 let fid = self.resolve(*fid);
