@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# bench/run.sh -- the whole benchmark in one command (as root, on loopback):
+# installs what the machine lacks (sshfs, rclone, openssh-server, fuse3, gcc,
+# make, python3, a font for the plot) through apt, builds afsd, venus and the
+# bench harness in release mode, then runs every workload on local disk, afs,
+# sshfs and rclone and writes BENCHMARKS.md and bench/benchmarks.png.
+#
+# Sizes and choices: BENCH_QUICK=1 (small and fast), BENCH_RUNS, BENCH_ANDREW_RUNS,
+# BENCH_BIG_MIB, BENCH_SMALL_FILES, BENCH_CREATE_FILES, BENCH_ANDREW_JOBS,
+# BENCH_SCALE_CLIENTS, BENCH_SCALE_SECS, BENCH_SYSTEMS (local,afs,sshfs,rclone),
+# BENCH_WORKLOADS (1..8), BENCH_DIR, BENCH_OUT, BENCH_PLOT, BENCH_KEEP=1.
+# See the "Benchmarks" section of README.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+[ "$(id -u)" = 0 ] || { echo "bench/run.sh: run as root (FUSE mounts, drop_caches, apt)" >&2; exit 1; }
+
+missing=()
+need() {  # need COMMAND-OR-FILE PACKAGE
+  if [ "${1#/}" != "$1" ]; then [ -e "$1" ] && return 0; else command -v "$1" >/dev/null 2>&1 && return 0; fi
+  missing+=("$2")
+}
+need sshfs sshfs
+need rclone rclone
+need /usr/sbin/sshd openssh-server
+need ssh openssh-client
+need ssh-keygen openssh-client
+need fusermount3 fuse3
+need gcc gcc
+need make make
+need python3 python3
+need mountpoint util-linux
+need ss iproute2
+need /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench/run.sh: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+
+t0=$(date +%s)
+cargo build --release -p afsd -p venus -p bench
+echo "bench/run.sh: build took $(( $(date +%s) - t0 )) s" >&2
+
+# On Ctrl-C, take down the peers' mounts and sshds (venus unmounts itself).
+dir=${BENCH_DIR:-/var/tmp/afs-bench}
+cleanup() {
+  for p in sshfs rclone; do
+    PEER_STATE_ROOT="$dir/peers" bash bench/scripts/peer-$p.sh stop "$dir/plain" "$dir/mnt-$p" >/dev/null 2>&1 || true
+  done
+}
+trap 'cleanup; exit 130' INT TERM
+target/release/bench "$@"
+echo "bench/run.sh: done in $(( $(date +%s) - t0 )) s (build included)" >&2

@@ -1,0 +1,316 @@
+//! Workloads 1-6, run against any system through its root directory.
+
+use crate::config::{Config, Kind};
+use crate::results::{Results, Show};
+use crate::systems::{Layout, System};
+use crate::util::{self, drop_caches, hwm_kib, read_all, reset_hwm, write_pattern};
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const ANDREW_PHASES: [&str; 5] = ["MakeDir", "Copy", "ScanDir", "ReadAll", "Make"];
+
+/// Creates the data every system starts from: the Andrew source tree, the
+/// large file and the small files, in the plain directory and (as a copy) in
+/// afsd's export, plus the files of the server-scale workload.
+pub fn prepare(cfg: &Config, layout: &Layout) -> Result<()> {
+    for d in [&layout.plain, &layout.export, &layout.logs, &layout.peers, &layout.scratch] {
+        std::fs::create_dir_all(d).with_context(|| format!("mkdir {}", d.display()))?;
+    }
+    let src = layout.plain.join("andrew-src");
+    util::run(Command::new("python3").arg(cfg.scripts.join("gen-andrew-tree.py")).arg(&src))?;
+    std::fs::write(src.join(".complete"), "")?;
+    write_pattern(&layout.plain.join("big"), cfg.big_bytes(), 1)?;
+    let small = layout.plain.join("small");
+    std::fs::create_dir_all(&small)?;
+    for i in 0..cfg.small_files {
+        std::fs::write(small.join(format!("f{i:05}")), format!("small file {i}: {}\n", "x".repeat(i % 200)))?;
+    }
+    for name in ["andrew-src", "big", "small"] {
+        util::run(Command::new("cp").arg("-a").arg(layout.plain.join(name)).arg(&layout.export))?;
+    }
+    let scale = layout.export.join("scale");
+    std::fs::create_dir_all(&scale)?;
+    let mut block = vec![0u8; 4096];
+    for i in 0..64u64 {
+        util::fill_block(&mut block, 1000 + i);
+        std::fs::write(scale.join(format!("r{i:03}")), &block)?;
+        std::fs::write(scale.join(format!("w{i:03}")), &block)?;
+    }
+    std::fs::write(scale.join("hot"), &block)?;
+    drop_caches();
+    Ok(())
+}
+
+/// Runs one pass of bench/scripts/andrew.sh in `sys.root` with the source
+/// tree that lives in the same file system; returns seconds per phase.
+fn andrew_pass(cfg: &Config, sys: &System, verify: bool) -> Result<Vec<(String, f64)>> {
+    let out = util::run(
+        Command::new("bash")
+            .arg(cfg.scripts.join("andrew.sh"))
+            .arg(&sys.root)
+            .env("ANDREW_SRC", sys.root.join("andrew-src"))
+            .env("ANDREW_JOBS", cfg.andrew_jobs.to_string())
+            .env("ANDREW_KEEP", "1")
+            .env("ANDREW_VERIFY", if verify { "1" } else { "0" })
+            .stdin(Stdio::null()),
+    )?;
+    let mut phases = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut w = line.split_whitespace();
+        if let (Some("andrew"), Some(phase), Some(secs)) = (w.next(), w.next(), w.next()) {
+            if let Ok(s) = secs.parse::<f64>() {
+                phases.push((phase.to_string(), s));
+            }
+        }
+    }
+    if phases.len() != ANDREW_PHASES.len() + 1 {
+        bail!("andrew.sh printed {} phases: {}", phases.len(), String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(phases)
+}
+
+/// Workload 1: the Andrew benchmark, cold (client caches empty, page cache
+/// dropped) then warm (second pass on the same mount), `runs` times.
+pub fn andrew(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    for run in 0..cfg.andrew_runs {
+        sys.cold()?;
+        for (pass, base) in [("cold", 0u32), ("warm", 10)] {
+            let t = Instant::now();
+            let phases = andrew_pass(cfg, sys, run == 0)?;
+            eprintln!(
+                "bench:   andrew {pass} run {}: total {:.2} s (wall {:.1} s)",
+                run + 1,
+                phases.last().map(|p| p.1).unwrap_or(0.0),
+                t.elapsed().as_secs_f64()
+            );
+            for (name, secs) in phases {
+                let (i, label, plot) = match ANDREW_PHASES.iter().position(|p| *p == name) {
+                    Some(i) => (i as u32, format!("1. Andrew {pass}: {name}"), None),
+                    None => {
+                        (ANDREW_PHASES.len() as u32, format!("1. Andrew {pass}: total"), Some(format!("Andrew {pass}")))
+                    }
+                };
+                res.add((1, base + i), &label, Show::Time, plot.as_deref(), sys.kind, secs);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, t.elapsed().as_secs_f64()))
+}
+
+fn expect_size(n: u64, want: u64, what: &Path) -> Result<()> {
+    if n != want {
+        bail!("{}: read {n} bytes, expected {want}", what.display());
+    }
+    Ok(())
+}
+
+/// Records the peak memory of venus and afsd since the last reset.
+fn note_memory(sys: &System, res: &mut Results, workload: u32) {
+    if let (Some(v), Some(a)) = (sys.venus_pid(), sys.afsd_pid()) {
+        res.memory(workload, hwm_kib(v), hwm_kib(a));
+    }
+}
+
+fn reset_memory(sys: &System) {
+    for pid in [sys.venus_pid(), sys.afsd_pid()].into_iter().flatten() {
+        reset_hwm(pid);
+    }
+}
+
+/// Workload 3: cold sequential read of the large file (for afs: a whole-file
+/// fetch), and the raw TCP baseline.
+pub fn cold_read(cfg: &Config, layout: &Layout, sys: &mut System, res: &mut Results) -> Result<()> {
+    let size = cfg.big_bytes();
+    let show = Show::Rate { mib: cfg.big_mib as f64 };
+    let label = format!("3. cold read of a {} file (afs: whole-file fetch)", size_name(cfg.big_mib));
+    for _ in 0..cfg.runs {
+        sys.cold()?;
+        reset_memory(sys);
+        let big = sys.root.join("big");
+        let (n, secs) = timed(|| read_all(&big))?;
+        expect_size(n, size, &big)?;
+        note_memory(sys, res, 3);
+        res.add((3, 0), &label, show, Some("cold read"), sys.kind, secs);
+    }
+    if sys.kind == Kind::Afs {
+        let dst = layout.scratch.join("raw-copy");
+        for _ in 0..cfg.runs {
+            let _ = std::fs::remove_file(&dst);
+            drop_caches();
+            let secs = raw_tcp_copy(&sys.server_dir.join("big"), &dst)?;
+            res.add((3, 1), "3b. baseline: raw TCP copy of the same bytes over loopback", show, None, Kind::Afs, secs);
+        }
+        let _ = std::fs::remove_file(&dst);
+    }
+    Ok(())
+}
+
+/// Workload 2: warm sequential read of the (now cached) large file, and for
+/// afs the same read of the container file directly.
+pub fn warm_read(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    let size = cfg.big_bytes();
+    let show = Show::Rate { mib: cfg.big_mib as f64 };
+    let big = sys.root.join("big");
+    expect_size(read_all(&big)?, size, &big)?;
+    reset_memory(sys);
+    let label = format!("2. warm read of a cached {} file", size_name(cfg.big_mib));
+    for _ in 0..cfg.runs {
+        let (n, secs) = timed(|| read_all(&big))?;
+        expect_size(n, size, &big)?;
+        res.add((2, 0), &label, show, Some("warm read"), sys.kind, secs);
+    }
+    note_memory(sys, res, 2);
+    if sys.kind == Kind::Afs {
+        let container = largest_container(sys.cache_dir())?;
+        read_all(&container)?;
+        for _ in 0..cfg.runs {
+            let (n, secs) = timed(|| read_all(&container))?;
+            expect_size(n, size, &container)?;
+            res.add((2, 1), "2b. baseline: the same read of venus's container file", show, None, Kind::Afs, secs);
+        }
+    }
+    Ok(())
+}
+
+fn largest_container(cache: &Path) -> Result<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(cache.join("containers")).context("read the containers directory")? {
+        let e = e?;
+        let len = e.metadata()?.len();
+        if best.as_ref().is_none_or(|b| len > b.0) {
+            best = Some((len, e.path()));
+        }
+    }
+    best.map(|b| b.1).context("no container file")
+}
+
+/// Workload 4: write the large file and close it, until the server has all
+/// of it (afs: the store on close; rclone: its write-back upload).
+pub fn write_back(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    let size = cfg.big_bytes();
+    let show = Show::Rate { mib: cfg.big_mib as f64 };
+    let label = format!("4. write {} and close, until the server has it", size_name(cfg.big_mib));
+    reset_memory(sys);
+    for run in 0..cfg.runs {
+        let name = format!("wb-{}-{run}", sys.kind.key());
+        let path = sys.root.join(&name);
+        let (_, secs) = timed(|| {
+            write_pattern(&path, size, 100 + run as u64)?;
+            sys.wait_server_has(&name, size)
+        })?;
+        res.add((4, 0), &label, show, Some("write-back"), sys.kind, secs);
+        note_memory(sys, res, 4);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+        sys.settle()?;
+        reset_memory(sys);
+    }
+    Ok(())
+}
+
+/// Workload 5: open+fstat+close of every cached small file; for afs also
+/// the RPCs this costs (none, when the cache holds promises).
+pub fn small_opens(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    let dir = sys.root.join("small");
+    let files: Vec<PathBuf> = (0..cfg.small_files).map(|i| dir.join(format!("f{i:05}"))).collect();
+    for p in &files {
+        read_all(p)?;
+    }
+    let pass = || -> Result<()> {
+        for p in &files {
+            let f = std::fs::File::open(p).with_context(|| format!("open {}", p.display()))?;
+            f.metadata()?;
+        }
+        Ok(())
+    };
+    pass()?;
+    let n = files.len() as f64;
+    let label = format!("5. open+stat+close of {} cached small files", cfg.small_files);
+    let before = if sys.kind == Kind::Afs { Some(sys.total_rpcs()?) } else { None };
+    for _ in 0..cfg.runs {
+        let ((), secs) = timed(pass)?;
+        res.add((5, 0), &label, Show::PerOp { n }, Some("open+stat"), sys.kind, secs);
+    }
+    if let Some(before) = before {
+        // `afsd stats` itself is not an RPC of the volume protocol.
+        let after = sys.total_rpcs()?;
+        res.rpcs_per_open = Some((after - before) as f64 / (n * cfg.runs as f64));
+        drop_caches();
+        let before = sys.total_rpcs()?;
+        pass()?;
+        res.rpcs_per_open_after_drop = Some((sys.total_rpcs()? - before) as f64 / n);
+    }
+    Ok(())
+}
+
+/// Workload 6: create (and write and close) small files in one new directory.
+pub fn creates(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    let label = format!("6. create {} small files in one directory", cfg.create_files);
+    for run in 0..cfg.runs {
+        let dir = sys.root.join(format!("create-{}-{run}", sys.kind.key()));
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let ((), secs) = timed(|| {
+            for i in 0..cfg.create_files {
+                let p = dir.join(format!("f{i:05}"));
+                let mut f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
+                writeln!(f, "small file {i}")?;
+            }
+            Ok(())
+        })?;
+        res.add((6, 0), &label, Show::PerOp { n: cfg.create_files as f64 }, Some("create"), sys.kind, secs);
+        sys.settle()?;
+    }
+    Ok(())
+}
+
+/// A raw TCP copy over loopback: one thread reads the file from disk and
+/// sends it, the other receives and writes it to disk.
+fn raw_tcp_copy(src: &Path, dst: &Path) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let src = src.to_path_buf();
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut f = std::fs::File::open(&src)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&buf[..n])?;
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    let mut out = std::fs::File::create(dst)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
+    drop(out);
+    let t = start.elapsed().as_secs_f64();
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(t)
+}
+
+pub fn size_name(mib: u64) -> String {
+    if mib >= 1024 && mib.is_multiple_of(1024) {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
