@@ -56,6 +56,9 @@ pub struct Config {
     pub small_files: usize,
     /// Files created by workload 6.
     pub create_files: usize,
+    /// Logged operations reintegrated by workload 8 (a create and a store
+    /// per file).
+    pub reint_ops: usize,
     /// `make -j` of the Andrew Make phase.
     pub andrew_jobs: usize,
     /// Client counts of workload 7.
@@ -135,6 +138,7 @@ impl Config {
             big_mib: num("BENCH_BIG_MIB", big)?,
             small_files: num("BENCH_SMALL_FILES", small)?,
             create_files: num("BENCH_CREATE_FILES", create)?,
+            reint_ops: num("BENCH_REINT_OPS", if quick { 1000 } else { 10_000 })?,
             andrew_jobs: num("BENCH_ANDREW_JOBS", 2)?,
             scale_clients,
             scale_secs: num("BENCH_SCALE_SECS", secs)?,
@@ -153,7 +157,13 @@ impl Config {
             scripts: var("BENCH_SCRIPTS").map(PathBuf::from).unwrap_or_else(|| root.join("bench/scripts")),
             quick,
         };
-        if cfg.runs == 0 || cfg.andrew_runs == 0 || cfg.big_mib == 0 || cfg.small_files == 0 || cfg.create_files == 0 {
+        if cfg.runs == 0
+            || cfg.andrew_runs == 0
+            || cfg.big_mib == 0
+            || cfg.small_files == 0
+            || cfg.create_files == 0
+            || cfg.reint_ops < 2
+        {
             bail!("BENCH_RUNS, BENCH_ANDREW_RUNS, BENCH_BIG_MIB, BENCH_SMALL_FILES and BENCH_CREATE_FILES must be positive");
         }
         for b in ["afsd", "venus"] {

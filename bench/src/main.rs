@@ -46,17 +46,8 @@ fn workloads() -> Vec<(u32, &'static str, Workload)> {
         (4, "write-back", |c, _, s, r| workloads::write_back(c, s, r)),
         (5, "small opens", |c, _, s, r| workloads::small_opens(c, s, r)),
         (6, "creates", |c, _, s, r| workloads::creates(c, s, r)),
-        (
-            7,
-            "server scale",
-            |c, _, s, r| {
-                if s.kind == Kind::Afs {
-                    scale::run(c, s.addr(), s.state_dir(), r)
-                } else {
-                    Ok(())
-                }
-            },
-        ),
+        (7, "server scale", |c, _, s, r| scale::run(c, s.addr(), s.state_dir(), r)),
+        (8, "reintegration", |c, _, s, r| workloads::reintegration(c, s, r)),
     ]
 }
 
@@ -103,7 +94,7 @@ fn run() -> Result<()> {
             }
         };
         for (w, name, f) in workloads() {
-            if !cfg.wants(w) || (w == 7 && kind != Kind::Afs) {
+            if !cfg.wants(w) || (w >= 7 && kind != Kind::Afs) {
                 continue;
             }
             let tw = Instant::now();
@@ -260,7 +251,9 @@ remote on the same kind of private sshd. The scripts that start the peers are in
   uploads them in the background afterwards (not timed).\n\
 - **7. server scale** (afs only): clients of the RPC library in one process, each with its own connection and \
   identity.\n\
-- **8. reintegration**: not measured yet: disconnected operation is not implemented.\n\
+- **8. reintegration** (afs only): {reint_files} small files created and written (a create and a store \
+  each) connected (8b), then the same while `venus disconnect`ed (8c, logged), then the time `venus reconnect` \
+  takes to reintegrate the log (8). At most two runs.\n\
 - Peak memory: VmHWM from `/proc/PID/status`, reset through `/proc/PID/clear_refs` before each of workloads 2-4.\n\
 {END}\n",
         runs = cfg.runs,
@@ -268,6 +261,7 @@ remote on the same kind of private sshd. The scripts that start the peers are in
         jobs = cfg.andrew_jobs,
         small = cfg.small_files,
         create = cfg.create_files,
+        reint_files = cfg.reint_ops / 2,
     )
 }
 

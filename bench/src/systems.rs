@@ -241,6 +241,12 @@ impl System {
         &self.layout.cache
     }
 
+    /// Runs `venus ARGS --cache CACHE` (afs only).
+    pub fn venus_cli(&self, args: &[&str]) -> Result<()> {
+        util::run(Command::new(self.cfg.bin_dir.join("venus")).args(args).arg("--cache").arg(&self.layout.cache))?;
+        Ok(())
+    }
+
     /// Total RPCs the server has answered (afs only).
     pub fn total_rpcs(&self) -> Result<u64> {
         let out = util::run(

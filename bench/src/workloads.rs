@@ -272,6 +272,70 @@ pub fn creates(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> 
     Ok(())
 }
 
+/// Workload 8 (afs only): the same operations (create and write small
+/// files: a create and a store each) done connected, then done disconnected
+/// and reintegrated by `venus reconnect`.
+pub fn reintegration(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
+    let files = cfg.reint_ops / 2;
+    let ops = files * 2;
+    let write_files = |dir: &Path| -> Result<f64> {
+        std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        let ((), secs) = timed(|| {
+            for i in 0..files {
+                let p = dir.join(format!("f{i:05}"));
+                let mut f = std::fs::File::create(&p).with_context(|| format!("create {}", p.display()))?;
+                writeln!(f, "file {i}")?;
+            }
+            Ok(())
+        })?;
+        Ok(secs)
+    };
+    // Two runs at most: each is ~2 x `ops` durable operations on the server.
+    for run in 0..cfg.runs.min(2) {
+        let secs = write_files(&sys.root.join(format!("reint-conn-{run}")))?;
+        res.add(
+            (8, 1),
+            &format!("8b. baseline: the same {ops} operations done connected"),
+            Show::Time,
+            None,
+            Kind::Afs,
+            secs,
+        );
+        let off = format!("reint-off-{run}");
+        sys.venus_cli(&["disconnect"])?;
+        let logged = write_files(&sys.root.join(&off));
+        let secs = match logged {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = sys.venus_cli(&["reconnect"]);
+                return Err(e);
+            }
+        };
+        res.add(
+            (8, 2),
+            &format!("8c. the same {ops} operations while disconnected (logged)"),
+            Show::Time,
+            None,
+            Kind::Afs,
+            secs,
+        );
+        let ((), secs) = timed(|| sys.venus_cli(&["reconnect"]))?;
+        let on_server = std::fs::read_dir(sys.server_dir.join(&off))?.count();
+        if on_server != files {
+            bail!("after reintegration the server has {on_server} of {files} files in {off}");
+        }
+        res.add(
+            (8, 0),
+            &format!("8. reintegration of {ops} logged operations"),
+            Show::Time,
+            Some("reintegrate"),
+            Kind::Afs,
+            secs,
+        );
+    }
+    Ok(())
+}
+
 /// A raw TCP copy over loopback: one thread reads the file from disk and
 /// sends it, the other receives and writes it to disk.
 fn raw_tcp_copy(src: &Path, dst: &Path) -> Result<f64> {
