@@ -324,14 +324,7 @@ pub fn reintegration(cfg: &Config, sys: &mut System, res: &mut Results) -> Resul
         if on_server != files {
             bail!("after reintegration the server has {on_server} of {files} files in {off}");
         }
-        res.add(
-            (8, 0),
-            &format!("8. reintegration of {ops} logged operations"),
-            Show::Time,
-            Some("reintegrate"),
-            Kind::Afs,
-            secs,
-        );
+        res.add((8, 0), &format!("8. reintegration of {ops} logged operations"), Show::Time, None, Kind::Afs, secs);
     }
     Ok(())
 }
