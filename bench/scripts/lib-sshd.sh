@@ -14,10 +14,14 @@ need_pkg() {  # need_pkg BINARY PKG...
 }
 
 free_port() {
-  local p
+  # Below the kernel's ephemeral range (usually 32768-60999), so that no
+  # outgoing connection holds the port, and not used by any TCP socket.
+  local p lo hi
+  read -r lo hi < /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || lo=32768
+  [ "$lo" -gt 21000 ] || lo=32768
   for _ in $(seq 1 50); do
-    p=$(( 20000 + RANDOM % 40000 ))
-    if ! ss -Htln 2>/dev/null | awk '{print $4}' | grep -qE "[:.]$p\$"; then echo "$p"; return 0; fi
+    p=$(( 20000 + RANDOM % (lo - 20000) ))
+    if ! ss -Htan 2>/dev/null | awk '{print $4}' | grep -qE "[:.]$p\$"; then echo "$p"; return 0; fi
   done
   return 1
 }
