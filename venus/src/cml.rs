@@ -235,7 +235,8 @@ impl Cml {
                     if let (true, CmlOp::SetAttr { fid: f, set, .. }) = (unsent(&recs[i]), &recs[i].op) {
                         if f == fid && set.uid.is_none() && set.gid.is_none() {
                             if let Some(m) = set.mode {
-                                mode.get_or_insert(m);
+                                // In log order: the last chmod wins.
+                                *mode = Some(m);
                             }
                             let id = recs.remove(i).id;
                             self.delete(id)?;
@@ -287,7 +288,13 @@ impl Cml {
                 let target = *fid;
                 let touching: Vec<usize> =
                     recs.iter().enumerate().filter(|(_, r)| r.op.fids().contains(&target)).map(|(i, _)| i).collect();
-                if touching.iter().all(|&i| unsent(&recs[i])) {
+                // Only when every record is about the object itself (not
+                // something inside it, if a directory) and it never got a
+                // second name: a hard link keeps it alive.
+                let only_itself = touching
+                    .iter()
+                    .all(|&i| recs[i].op.subject() == target && !matches!(recs[i].op, CmlOp::Link { .. }));
+                if only_itself && touching.iter().all(|&i| unsent(&recs[i])) {
                     // A rename of it that replaced another object still has
                     // to remove that object: the removal takes the rename's
                     // place (and id) in the log.
@@ -478,6 +485,29 @@ mod tests {
         assert_eq!(c.records().iter().map(|r| r.op.clone()).collect::<Vec<_>>(), vec![ren("a", "d")]);
         c.append(ren("d", "a"), None).unwrap();
         assert!(c.is_empty(), "a rename back to the start is no change");
+    }
+
+    #[test]
+    fn a_hard_linked_offline_file_survives_removing_its_first_name() {
+        let c = cml();
+        let l = Fid::local(1);
+        c.append(CmlOp::Create { dir: Fid::ROOT, name: "a".into(), fid: l, mode: 0o644 }, None).unwrap();
+        c.append(CmlOp::Store { fid: l, base: VersionVector::new(), mode: None }, None).unwrap();
+        c.append(CmlOp::Link { fid: l, dir: Fid::ROOT, name: "b".into() }, None).unwrap();
+        c.append(CmlOp::Remove { dir: Fid::ROOT, name: "a".into(), fid: l, base: None }, None).unwrap();
+        assert_eq!(c.len(), 4, "nothing may be cancelled: {:?}", c.records());
+    }
+
+    #[test]
+    fn the_last_chmod_wins_when_folded() {
+        let c = cml();
+        let set = |mode| SetAttr { mode: Some(mode), ..Default::default() };
+        c.append(CmlOp::SetAttr { fid: Fid(5), set: set(0o600), base: None }, None).unwrap();
+        c.append(CmlOp::SetAttr { fid: Fid(6), set: set(0o600), base: None }, None).unwrap();
+        c.append(CmlOp::SetAttr { fid: Fid(5), set: set(0o644), base: None }, None).unwrap();
+        c.append(CmlOp::Store { fid: Fid(5), base: vv(1), mode: None }, None).unwrap();
+        let store = c.records().into_iter().find(|r| matches!(r.op, CmlOp::Store { .. })).unwrap();
+        assert_eq!(store.op, CmlOp::Store { fid: Fid(5), base: vv(1), mode: Some(0o644) });
     }
 
     #[test]

@@ -110,7 +110,11 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
                 ClientEvent::Connected { conn } => tracing::debug!(conn, "connection established"),
                 ClientEvent::Lost { conn } => {
                     tracing::debug!(conn, "connection lost");
-                    v.link.wake.notify_one();
+                    // Only a connected venus needs to check at once; waking a
+                    // disconnected prober here would make it spin.
+                    if v.link.is_connected() {
+                        v.link.wake.notify_one();
+                    }
                 }
             }
         }
@@ -269,6 +273,14 @@ async fn keeper(v: Arc<Venus>) {
                 }
                 if let Err(e) = v.client.ping(HEARTBEAT_TIMEOUT).await {
                     v.link.lost(format!("heartbeat unanswered: {e}"));
+                } else if !v.cml.is_empty() {
+                    // Changes logged just as reintegration finished: send them.
+                    v.link.set(State::Reintegrating, "changes logged during reintegration");
+                    if let Err(e) = v.reintegrate().await {
+                        v.link.set(State::Disconnected, format!("reintegration interrupted: {e}"));
+                    } else {
+                        v.link.set(State::Connected, "reintegration complete");
+                    }
                 }
             }
             State::Disconnected | State::Reintegrating => {
@@ -297,7 +309,11 @@ async fn keeper(v: Arc<Venus>) {
                             tokio::spawn(walk_in_background(v.clone(), "after reconnection"));
                         }
                     }
-                    Err(e) => v.link.set(State::Disconnected, format!("reintegration interrupted: {e}")),
+                    Err(e) => {
+                        v.link.set(State::Disconnected, format!("reintegration interrupted: {e}"));
+                        // Back off before trying again.
+                        tokio::time::sleep(PROBE * 5).await;
+                    }
                 }
             }
         }
