@@ -126,6 +126,19 @@ impl System {
     }
 
     fn start_venus(&mut self) -> Result<()> {
+        force_unmount(&self.root);
+        match self.try_start_venus() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("bench: venus did not mount ({e:#}); cleaning up and trying once more");
+                force_unmount(&self.root);
+                std::thread::sleep(Duration::from_secs(1));
+                self.try_start_venus()
+            }
+        }
+    }
+
+    fn try_start_venus(&mut self) -> Result<()> {
         let cache_mib = (self.cfg.big_mib * 3 + 2048).max(4096);
         let mut venus = Command::new(self.cfg.bin_dir.join("venus"))
             .arg("mount")
@@ -141,7 +154,16 @@ impl System {
             .stderr(log_file(&self.layout, "venus.log")?)
             .spawn()
             .context("spawn venus")?;
-        if let Err(e) = wait_line(&mut venus, "venus mounted", Duration::from_secs(60)) {
+        let ready = wait_line(&mut venus, "venus mounted", Duration::from_secs(60)).and_then(|_| {
+            // "venus mounted" is printed before the kernel's INIT handshake
+            // is done: wait until the mount answers.
+            if poll(Duration::from_secs(30), Duration::from_millis(20), || std::fs::read_dir(&self.root).is_ok()) {
+                Ok(())
+            } else {
+                bail!("the mount does not answer")
+            }
+        });
+        if let Err(e) = ready {
             terminate(&mut venus, Duration::from_secs(5));
             force_unmount(&self.root);
             return Err(e.context("venus did not mount (see logs/venus.log)"));

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Flushes dirty pages, then drops the page, dentry and inode caches of the
@@ -142,15 +142,28 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Whether `p` is a mount point, by /proc/self/mounts: a FUSE mount whose
+/// daemon died (ENOTCONN on every access) still counts.
 pub fn is_mounted(p: &Path) -> bool {
-    Command::new("mountpoint").arg("-q").arg(p).status().map(|s| s.success()).unwrap_or(false)
+    // Canonicalize the parent only: stat on a dead mount itself fails.
+    let target = match (p.parent().and_then(|d| std::fs::canonicalize(d).ok()), p.file_name()) {
+        (Some(d), Some(n)) => d.join(n),
+        _ => p.to_path_buf(),
+    };
+    let want = target.display().to_string().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(want.as_str())))
+        .unwrap_or(false)
 }
 
-/// Unmounts a FUSE mount that its daemon left behind.
+/// Unmounts a FUSE mount that its daemon left behind (alive or dead).
 pub fn force_unmount(p: &Path) {
-    if is_mounted(p) {
-        let ok = Command::new("fusermount3").arg("-u").arg(p).status().map(|s| s.success()).unwrap_or(false)
-            || Command::new("umount").arg(p).status().map(|s| s.success()).unwrap_or(false);
+    for _ in 0..3 {
+        if !is_mounted(p) {
+            return;
+        }
+        let ok = Command::new("fusermount3").arg("-u").arg(p).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+            || Command::new("umount").arg(p).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(p).status();
         }
