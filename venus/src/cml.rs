@@ -314,6 +314,26 @@ impl Cml {
                     return Ok(());
                 }
             }
+            CmlOp::Remove { fid, .. } if !fid.is_local() && seq.is_none() => {
+                // An existing file edited offline and then removed: its
+                // content is gone with it, so its unsent stores and setattrs
+                // go too (their base is the remove's base: the version this
+                // client last had). A remove of an edited file on the server
+                // still becomes a remove/update conflict.
+                let target = *fid;
+                let mut i = 0;
+                while i < recs.len() {
+                    if unsent(&recs[i])
+                        && recs[i].op.subject() == target
+                        && matches!(recs[i].op, CmlOp::Store { .. } | CmlOp::SetAttr { .. })
+                    {
+                        let id = recs.remove(i).id;
+                        self.delete(id)?;
+                        continue;
+                    }
+                    i += 1;
+                }
+            }
             _ => {}
         }
         let rec = Record { id: Self::next_id(&recs), op, seq };
@@ -508,6 +528,20 @@ mod tests {
         c.append(CmlOp::Store { fid: Fid(5), base: vv(1), mode: None }, None).unwrap();
         let store = c.records().into_iter().find(|r| matches!(r.op, CmlOp::Store { .. })).unwrap();
         assert_eq!(store.op, CmlOp::Store { fid: Fid(5), base: vv(1), mode: Some(0o644) });
+    }
+
+    #[test]
+    fn removing_a_file_edited_offline_drops_its_stores() {
+        let c = cml();
+        c.append(CmlOp::Store { fid: Fid(7), base: vv(2), mode: None }, None).unwrap();
+        c.append(
+            CmlOp::SetAttr { fid: Fid(7), set: SetAttr { mode: Some(0o600), ..Default::default() }, base: Some(vv(2)) },
+            None,
+        )
+        .unwrap();
+        c.append(CmlOp::Remove { dir: Fid::ROOT, name: "f".into(), fid: Fid(7), base: Some(vv(2)) }, None).unwrap();
+        let ops: Vec<_> = c.records().into_iter().map(|r| r.op).collect();
+        assert_eq!(ops, vec![CmlOp::Remove { dir: Fid::ROOT, name: "f".into(), fid: Fid(7), base: Some(vv(2)) }]);
     }
 
     #[test]
