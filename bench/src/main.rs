@@ -177,6 +177,19 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// `sshfs --version` prints fusermount3's version first.
+fn sshfs_version() -> String {
+    Command::new("sshfs")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().find(|l| l.starts_with("SSHFS version")).map(|l| l.replace("SSHFS version", "sshfs"))
+        })
+        .unwrap_or_else(|| "sshfs ?".into())
+}
+
 /// One line about the machine and the peers' versions.
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -196,7 +209,7 @@ fn machine() -> String {
     format!(
         "{cores} cores, {mem_gib:.0} GiB; {cpu}; Linux {}; {}; {}; gcc {}",
         first_line("uname", &["-r"]),
-        first_line("sshfs", &["--version"]).replace("SSHFS version", "sshfs"),
+        sshfs_version(),
         first_line("rclone", &["version"]),
         first_line("gcc", &["-dumpfullversion"]),
     )
