@@ -44,6 +44,7 @@ async fn dropped_replies_are_retried_and_mutations_run_once() {
             to_dir: Fid::ROOT,
             to_name: "renamed".into(),
             no_replace: false,
+            replaced_base: None,
         })
         .await
         .expect("retried rename succeeds");

@@ -206,6 +206,7 @@ async fn requests_cannot_reach_outside_the_export() {
                 to_dir: Fid::ROOT,
                 to_name: bad.into(),
                 no_replace: false,
+                replaced_base: None,
             })
             .await
             .unwrap_err();
@@ -359,6 +360,7 @@ async fn stores_race_renames_of_an_ancestor() {
                 to_dir: Fid::ROOT,
                 to_name: to.into(),
                 no_replace: true,
+                replaced_base: None,
             })
             .await
             .unwrap();

@@ -10,3 +10,4 @@ mod venus_connected;
 mod venus_hoard;
 mod venus_offline;
 mod venus_random;
+mod venus_reintegration;

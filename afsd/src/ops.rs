@@ -356,6 +356,10 @@ impl Service for Volume {
             check_base(self, req.fid, &obj, &st, Some(&req.base))?;
             let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
             let (_, dpath) = self.open_dir(parent)?;
+            let mut others = Vec::new();
+            for (p, n) in obj.names.iter().skip(1) {
+                others.push((self.open_dir(*p)?.1.names().to_vec(), n.clone()));
+            }
             let mode = req.mode.unwrap_or(st.mode) & 0o7777;
             let mtime = req.mtime.unwrap_or_else(Timestamp::now);
             let new_st = tokio::task::block_in_place(|| -> Result<Stat, FsError> {
@@ -374,8 +378,8 @@ impl Service for Volume {
             let plan = Plan {
                 objects: vec![(req.fid, Some(new_obj))],
                 dirents: vec![],
-                intent: Some(Intent::Install { staging: staging.clone(), dir: dpath.names().to_vec(), name }),
-                reseen: vec![req.fid, parent],
+                intent: Some(Intent::Install { staging: staging.clone(), dir: dpath.names().to_vec(), name, others }),
+                reseen: [req.fid].into_iter().chain(obj.names.iter().map(|(p, _)| *p)).collect(),
                 breaks: vec![req.fid],
             };
             match self.execute(&cx.xid, OpKind::Store, plan, Reply::Store(reply)).await? {
@@ -514,6 +518,10 @@ impl Service for Volume {
                 }
                 if req.no_replace {
                     return Err(FsError::Exists);
+                }
+                if let (Some(base), Some((_, tgt, tgt_st))) = (&req.replaced_base, &target) {
+                    let tgt = self.notice_external(*t, tgt.clone(), tgt_st, true).await?;
+                    check_base(self, *t, &tgt, tgt_st, Some(base))?;
                 }
             }
             if sobj.kind == FileKind::Dir {

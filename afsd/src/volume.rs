@@ -53,11 +53,14 @@ pub enum Intent {
         mtime: Timestamp,
         what: NewKind,
     },
-    /// Move a staged file over the target (a store).
+    /// Move a staged file over the target (a store), then make the
+    /// object's other hard links (`others`) names of the new file too.
     Install {
         staging: String,
         dir: Vec<String>,
         name: String,
+        #[serde(default)]
+        others: Vec<(Vec<String>, String)>,
     },
     Remove {
         dir: Vec<String>,
@@ -542,14 +545,32 @@ impl Volume {
                 }
                 d.sync()
             }
-            Intent::Install { staging, dir, name } => {
+            Intent::Install { staging, dir, name, others } => {
                 let d = self.export.dir(&rel(dir)?)?;
                 match d.rename_from(&self.staging, staging, name, false) {
-                    Ok(()) => d.sync(),
+                    Ok(()) => d.sync()?,
                     // Already installed before a crash.
-                    Err(FsError::NotFound) if self.staging.lstat(staging).is_err() => Ok(()),
-                    Err(e) => Err(e),
+                    Err(FsError::NotFound) if self.staging.lstat(staging).is_err() => {}
+                    Err(e) => return Err(e),
                 }
+                // Each other name is replaced by a link to the new file, one
+                // atomic rename at a time; redoing this after a crash is
+                // harmless, as `name` already holds the new file.
+                for (i, (odir, oname)) in others.iter().enumerate() {
+                    let od = self.export.dir(&rel(odir)?)?;
+                    let tmp = format!("{staging}.link{i}");
+                    match self.staging.link_from(&d, name, &tmp) {
+                        Ok(()) => {}
+                        Err(FsError::Exists) => {
+                            self.staging.unlink(&tmp)?;
+                            self.staging.link_from(&d, name, &tmp)?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    od.rename_from(&self.staging, &tmp, oname, false)?;
+                    od.sync()?;
+                }
+                Ok(())
             }
             Intent::Remove { dir, name, is_dir } => {
                 let d = self.export.dir(&rel(dir)?)?;

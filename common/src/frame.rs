@@ -323,6 +323,7 @@ mod tests {
                 to_dir: Fid(3),
                 to_name: "b".into(),
                 no_replace: false,
+                replaced_base: None,
             }),
         })
         .unwrap();

@@ -226,6 +226,10 @@ pub struct RenameReq {
     pub to_name: String,
     /// Refuse (`Exists`) instead of replacing an existing target.
     pub no_replace: bool,
+    /// When set, refuse with `Conflict` if the target exists and is no longer
+    /// this version (a replacement decided on an old view, at reintegration).
+    #[serde(default)]
+    pub replaced_base: Option<VersionVector>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

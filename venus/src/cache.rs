@@ -9,7 +9,7 @@
 use crate::errors::Result;
 use common::{Attr, Fid, FileKind, Timestamp};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,6 +118,8 @@ pub struct Cache {
     sizes: Mutex<HashMap<Fid, u64>>,
     clock: AtomicU64,
     pub limit: u64,
+    /// Old container names of renumbered objects (see `link_container`).
+    unlink_after_flush: Mutex<Vec<PathBuf>>,
 }
 
 impl Cache {
@@ -148,15 +150,16 @@ impl Cache {
             sizes: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(clock + 1),
             limit,
+            unlink_after_flush: Mutex::new(Vec::new()),
         };
-        cache.scan_containers()?;
         Ok(cache)
     }
 
     /// Reconciles containers on disk with the index: leftovers of
     /// interrupted fetches go, containers written while venus was down
-    /// become dirty.
-    fn scan_containers(&self) -> Result<()> {
+    /// become dirty. `keep` names objects the log still needs: their
+    /// containers are never deleted, indexed or not.
+    pub fn scan_containers(&self, keep: &HashSet<Fid>) -> Result<()> {
         let mut sizes = self.sizes.lock().unwrap();
         let mut nodes = self.nodes.lock().unwrap();
         for entry in std::fs::read_dir(self.dir.join("containers"))? {
@@ -174,6 +177,10 @@ impl Cache {
                         n.dirty = true;
                         self.nodes_tree.insert(fid.0.to_be_bytes(), encode(&*n))?;
                     }
+                    sizes.insert(fid, meta.len());
+                }
+                _ if keep.contains(&fid) => {
+                    tracing::warn!(%fid, "keeping a container the log needs although the index lost it");
                     sizes.insert(fid, meta.len());
                 }
                 _ => {
@@ -230,13 +237,17 @@ impl Cache {
     /// Moves a node to a new fid (a local fid got its server fid), with its
     /// container, and repoints children and listings at it.
     pub fn renumber(&self, from: Fid, to: Fid) {
+        if from == to {
+            return;
+        }
         let mut nodes = self.nodes.lock().unwrap();
         let Some(mut node) = nodes.remove(&from) else { return };
         let _ = self.nodes_tree.remove(from.0.to_be_bytes());
         node.attr.fid = to;
         let mut sizes = self.sizes.lock().unwrap();
-        if let Some(size) = sizes.remove(&from) {
-            if std::fs::rename(self.container_path(from), self.container_path(to)).is_ok() {
+        let size = sizes.remove(&from);
+        if self.link_container(from, to) {
+            if let Some(size) = size {
                 sizes.insert(to, size);
             }
         }
@@ -353,6 +364,11 @@ impl Cache {
         &self.db
     }
 
+    /// The small-values tree, for owners that write it from elsewhere.
+    pub fn meta_tree(&self) -> sled::Tree {
+        self.meta.clone()
+    }
+
     pub fn meta_get(&self, key: &str) -> Option<Vec<u8>> {
         self.meta.get(key).ok().flatten().map(|v| v.to_vec())
     }
@@ -362,9 +378,39 @@ impl Cache {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
+    /// Gives the container of `from` the name of `to` as well; the old name
+    /// goes at the next flush. Until the index says the object is `to`
+    /// (durably), a crash must find its content under `from`: renaming
+    /// first would leave a container no record names, and the scan at start
+    /// would delete it.
+    fn link_container(&self, from: Fid, to: Fid) -> bool {
+        let (old, new) = (self.container_path(from), self.container_path(to));
+        let linked = match std::fs::hard_link(&old, &new) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let same = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+                // Linked before a crash: the same file. Anything else there is stale.
+                same(&old) == same(&new) || std::fs::rename(&old, &new).is_ok()
+            }
+            Err(_) => false,
+        };
+        if linked {
+            self.unlink_after_flush.lock().unwrap().push(old);
+        }
+        linked
+    }
+
+    /// Makes everything written so far durable, then drops container names
+    /// that only a crash before this point could still need.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        let unlink = std::mem::take(&mut *self.unlink_after_flush.lock().unwrap());
+        if let Err(e) = self.db.flush() {
+            self.unlink_after_flush.lock().unwrap().extend(unlink);
+            return Err(e.into());
+        }
+        for p in unlink {
+            let _ = std::fs::remove_file(p);
+        }
         Ok(())
     }
 

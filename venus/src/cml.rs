@@ -55,7 +55,9 @@ pub enum CmlOp {
         name: String,
         fid: Fid,
     },
-    /// `replaced`: the object the rename replaced locally, if any.
+    /// `replaced`: the object the rename replaced locally, if any, and the
+    /// version of it that was replaced (so a replacement of something
+    /// changed on the server meanwhile becomes a conflict, not a loss).
     Rename {
         from_dir: Fid,
         from: String,
@@ -63,6 +65,8 @@ pub enum CmlOp {
         to: String,
         fid: Fid,
         replaced: Option<Fid>,
+        #[serde(default)]
+        replaced_base: Option<VersionVector>,
     },
     SetAttr {
         fid: Fid,
@@ -192,6 +196,16 @@ impl Cml {
         self.records.lock().unwrap().clone()
     }
 
+    /// Up to `n` records from position `skip`, in order.
+    pub fn records_from(&self, skip: usize, n: usize) -> Vec<Record> {
+        self.records.lock().unwrap().iter().skip(skip).take(n).cloned().collect()
+    }
+
+    /// Whether some record matches, without copying the log.
+    pub fn any(&self, f: impl Fn(&Record) -> bool) -> bool {
+        self.records.lock().unwrap().iter().any(f)
+    }
+
     fn next_id(records: &[Record]) -> u64 {
         records.last().map(|r| r.id + 1).unwrap_or(1)
     }
@@ -258,22 +272,22 @@ impl Cml {
                     }
                 }
             }
-            CmlOp::Rename { from_dir, from, to_dir, to, fid, replaced } if seq.is_none() && replaced.is_none() => {
-                // A rename chain keeps its final effect.
-                if let Some(prev) = recs
-                    .iter_mut()
-                    .rev()
-                    .find(|r| unsent(r) && matches!(&r.op, CmlOp::Rename { fid: f, .. } if f == fid))
-                {
-                    if let CmlOp::Rename { to_dir: pd, to: pn, replaced: None, from_dir: fd0, from: fn0, .. } =
-                        &mut prev.op
+            CmlOp::Rename { from_dir, from, to_dir, to, fid, replaced, .. } if seq.is_none() && replaced.is_none() => {
+                // A rename chain keeps its final effect, but only when the
+                // previous step is the last record: folding across other
+                // changes would move this step before them (a swap through a
+                // temporary name, a move into a directory made in between).
+                if let Some(prev) = recs.last_mut().filter(|r| unsent(r)) {
+                    if let CmlOp::Rename {
+                        to_dir: pd, to: pn, replaced: None, from_dir: fd0, from: fn0, fid: pf, ..
+                    } = &mut prev.op
                     {
-                        if pd == from_dir && pn == from {
+                        if pf == fid && pd == from_dir && pn == from {
                             *pd = *to_dir;
                             *pn = to.clone();
                             if fd0 == pd && fn0 == pn {
                                 let id = prev.id;
-                                recs.retain(|r| r.id != id);
+                                recs.pop();
                                 return self.delete(id);
                             }
                             let r = prev.clone();
@@ -314,26 +328,6 @@ impl Cml {
                     return Ok(());
                 }
             }
-            CmlOp::Remove { fid, .. } if !fid.is_local() && seq.is_none() => {
-                // An existing file edited offline and then removed: its
-                // content is gone with it, so its unsent stores and setattrs
-                // go too (their base is the remove's base: the version this
-                // client last had). A remove of an edited file on the server
-                // still becomes a remove/update conflict.
-                let target = *fid;
-                let mut i = 0;
-                while i < recs.len() {
-                    if unsent(&recs[i])
-                        && recs[i].op.subject() == target
-                        && matches!(recs[i].op, CmlOp::Store { .. } | CmlOp::SetAttr { .. })
-                    {
-                        let id = recs.remove(i).id;
-                        self.delete(id)?;
-                        continue;
-                    }
-                    i += 1;
-                }
-            }
             _ => {}
         }
         let rec = Record { id: Self::next_id(&recs), op, seq };
@@ -342,11 +336,44 @@ impl Cml {
         Ok(())
     }
 
+    /// An existing object lost its last name offline: its content is gone
+    /// with it, so its unsent stores and setattrs go too. (Their base is the
+    /// version the removal is checked against, so a removal of a file
+    /// changed on the server meanwhile still becomes a conflict.)
+    pub fn drop_unsent_changes(&self, fid: Fid) -> Result<()> {
+        let mut recs = self.records.lock().unwrap();
+        let mut i = 0;
+        while i < recs.len() {
+            if recs[i].seq.is_none()
+                && recs[i].op.subject() == fid
+                && matches!(recs[i].op, CmlOp::Store { .. } | CmlOp::SetAttr { .. })
+            {
+                let id = recs.remove(i).id;
+                self.delete(id)?;
+                continue;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
     /// Records the transaction id a record is sent under (before sending).
     pub fn assign_seq(&self, id: u64, seq: u64) -> Result<()> {
         let mut recs = self.records.lock().unwrap();
         if let Some(r) = recs.iter_mut().find(|r| r.id == id) {
             r.seq = Some(seq);
+            let r = r.clone();
+            self.put(&r)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the transaction id of a record that ran on the server
+    /// without effect, so it is sent again as a new request.
+    pub fn clear_seq(&self, id: u64) -> Result<()> {
+        let mut recs = self.records.lock().unwrap();
+        if let Some(r) = recs.iter_mut().find(|r| r.id == id) {
+            r.seq = None;
             let r = r.clone();
             self.put(&r)?;
         }
@@ -366,6 +393,19 @@ impl Cml {
         Ok(())
     }
 
+    /// Rewrites every local fid that has a server fid in `map`.
+    pub fn remap_all(&self, map: &std::collections::HashMap<Fid, Fid>) -> Result<()> {
+        let mut recs = self.records.lock().unwrap();
+        for r in recs.iter_mut() {
+            if r.op.fids().iter().any(|f| map.contains_key(f)) {
+                r.op.map_fids(&|f| map.get(&f).copied().unwrap_or(f));
+                let r = r.clone();
+                self.put(&r)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Later records of `fid` based on `before` get `after` as their base.
     pub fn rebase(&self, fid: Fid, before: &VersionVector, after: &VersionVector) -> Result<()> {
         let mut recs = self.records.lock().unwrap();
@@ -374,6 +414,7 @@ impl Cml {
                 CmlOp::Store { fid: f, base, .. } if *f == fid => Some(base),
                 CmlOp::SetAttr { fid: f, base: Some(base), .. } if *f == fid => Some(base),
                 CmlOp::Remove { fid: f, base: Some(base), .. } if *f == fid => Some(base),
+                CmlOp::Rename { replaced: Some(f), replaced_base: Some(base), .. } if *f == fid => Some(base),
                 _ => None,
             };
             if let Some(b) = base.filter(|b| **b == *before) {
@@ -444,6 +485,7 @@ mod tests {
                 to: "t2".into(),
                 fid: l,
                 replaced: None,
+                replaced_base: None,
             },
             None,
         )
@@ -465,6 +507,7 @@ mod tests {
                 to: "old".into(),
                 fid: l,
                 replaced: Some(Fid(9)),
+                replaced_base: Some(vv(1)),
             },
             None,
         )
@@ -498,6 +541,7 @@ mod tests {
             to: b.into(),
             fid: Fid(4),
             replaced: None,
+            replaced_base: None,
         };
         c.append(ren("a", "b"), None).unwrap();
         c.append(ren("b", "c"), None).unwrap();
@@ -505,6 +549,26 @@ mod tests {
         assert_eq!(c.records().iter().map(|r| r.op.clone()).collect::<Vec<_>>(), vec![ren("a", "d")]);
         c.append(ren("d", "a"), None).unwrap();
         assert!(c.is_empty(), "a rename back to the start is no change");
+    }
+
+    #[test]
+    fn renames_fold_only_into_the_record_just_before() {
+        let c = cml();
+        let ren = |a: &str, b: &str, fid: u64| CmlOp::Rename {
+            from_dir: Fid::ROOT,
+            from: a.into(),
+            to_dir: Fid::ROOT,
+            to: b.into(),
+            fid: Fid(fid),
+            replaced: None,
+            replaced_base: None,
+        };
+        // A swap through a temporary name: three renames, in order.
+        c.append(ren("x", "tmp", 1), None).unwrap();
+        c.append(ren("y", "x", 2), None).unwrap();
+        c.append(ren("tmp", "y", 1), None).unwrap();
+        let ops: Vec<_> = c.records().into_iter().map(|r| r.op).collect();
+        assert_eq!(ops, vec![ren("x", "tmp", 1), ren("y", "x", 2), ren("tmp", "y", 1)]);
     }
 
     #[test]
@@ -539,6 +603,7 @@ mod tests {
             None,
         )
         .unwrap();
+        c.drop_unsent_changes(Fid(7)).unwrap();
         c.append(CmlOp::Remove { dir: Fid::ROOT, name: "f".into(), fid: Fid(7), base: Some(vv(2)) }, None).unwrap();
         let ops: Vec<_> = c.records().into_iter().map(|r| r.op).collect();
         assert_eq!(ops, vec![CmlOp::Remove { dir: Fid::ROOT, name: "f".into(), fid: Fid(7), base: Some(vv(2)) }]);

@@ -128,7 +128,7 @@ impl Venus {
             .flatten()
             .map(|(k, v)| (Fid(crate::cache::be(&k)), Fid(crate::cache::be(&v))))
             .collect();
-        Ok(Venus {
+        let venus = Venus {
             rt,
             client,
             cache,
@@ -150,7 +150,27 @@ impl Venus {
             walk_lock: Mutex::new(()),
             last_walk: Mutex::new(None),
             counters: Counters::default(),
-        })
+        };
+        venus.recover()?;
+        Ok(venus)
+    }
+
+    /// Completes what a crash cut short: objects whose server fid was
+    /// learnt (the alias is written first) but whose cache record, log
+    /// records or container still use the local fid. Then reconciles the
+    /// containers with the index, keeping every one the log needs.
+    fn recover(&self) -> Result<()> {
+        let aliases = self.aliases.lock().unwrap().clone();
+        for (local, server) in &aliases {
+            if self.cache.contains(*local) {
+                tracing::info!(%local, %server, "finishing the renumbering of an object created offline");
+                self.cache.renumber(*local, *server);
+            }
+        }
+        self.cml.remap_all(&aliases)?;
+        let keep: HashSet<Fid> = self.cml.records().iter().flat_map(|r| r.op.fids()).collect();
+        self.cache.scan_containers(&keep)?;
+        self.cache.flush()
     }
 
     pub(crate) fn stripe(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
@@ -600,6 +620,17 @@ impl Venus {
     pub(crate) async fn store_shared(&self, shared: &Shared) -> Result<()> {
         let fid = self.resolve(shared.fid());
         let _g = self.stripe(fid).lock().await;
+        self.store_locked(fid, shared).await
+    }
+
+    /// `store_shared` with the object's stripe lock held.
+    async fn store_locked(&self, fid: Fid, shared: &Shared) -> Result<()> {
+        if self.cache.get(fid).is_some_and(|n| n.attr.nlink == 0) {
+            // Its last name was removed while it was open: nobody can reach
+            // this content again, and a store would only fail (or, logged,
+            // come back as a spurious update/remove conflict).
+            return Ok(());
+        }
         let meta = shared.file.metadata()?;
         let now = ContainerStamp::of(&meta);
         let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
@@ -824,6 +855,16 @@ impl Venus {
         }
     }
 
+    /// Runs the offline version of a mutation. If it fails, the transaction
+    /// id of a failed connected attempt is released: nothing will resend it.
+    fn logged<T>(&self, seq: Option<u64>, offline: impl FnOnce(Option<u64>) -> Result<T>) -> Result<T> {
+        let result = offline(seq);
+        if let (Err(_), Some(s)) = (&result, seq) {
+            self.client.unhold(s);
+        }
+        result
+    }
+
     fn call(&self, seq: u64, req: Request) -> CallFuture<'_> {
         Box::pin(self.client.call_with_seq(seq, req))
     }
@@ -857,7 +898,9 @@ impl Venus {
                 }
                 fid
             }
-            Err(Mutation::Offline(seq)) => self.offline_create(dir, name, mode & 0o7777, exclusive, seq)?,
+            Err(Mutation::Offline(seq)) => {
+                self.logged(seq, |seq| self.offline_create(dir, name, mode & 0o7777, exclusive, seq))?
+            }
             Err(Mutation::Failed(e)) => return Err(e),
         };
         let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
@@ -882,7 +925,7 @@ impl Venus {
                 self.cache.update(e.attr.fid, |n| n.entries = Some(BTreeMap::new()));
                 Ok(e.attr)
             }
-            Err(Mutation::Offline(seq)) => self.offline_mkdir(dir, name, mode & 0o7777, seq),
+            Err(Mutation::Offline(seq)) => self.logged(seq, |seq| self.offline_mkdir(dir, name, mode & 0o7777, seq)),
             Err(Mutation::Failed(e)) => Err(e),
         }
     }
@@ -905,7 +948,7 @@ impl Venus {
                 self.cache.update(e.attr.fid, |n| n.target = Some(target));
                 Ok(e.attr)
             }
-            Err(Mutation::Offline(seq)) => self.offline_symlink(dir, name, &target, seq),
+            Err(Mutation::Offline(seq)) => self.logged(seq, |seq| self.offline_symlink(dir, name, &target, seq)),
             Err(Mutation::Failed(e)) => Err(e),
         }
     }
@@ -926,7 +969,7 @@ impl Venus {
                 self.learn_new(dir, name, &e);
                 Ok(e.attr)
             }
-            Err(Mutation::Offline(seq)) => self.offline_link(fid, dir, name, seq),
+            Err(Mutation::Offline(seq)) => self.logged(seq, |seq| self.offline_link(fid, dir, name, seq)),
             Err(Mutation::Failed(e)) => Err(e),
         }
     }
@@ -950,19 +993,25 @@ impl Venus {
             Ok(r) => {
                 self.after_dir_change(dir, Some(r.dir), None, Some(name));
                 if let Some(fid) = victim {
-                    self.forget_object(fid);
+                    self.forget_object(fid)?;
                 }
                 Ok(())
             }
-            Err(Mutation::Offline(seq)) => self.offline_unlink(dir, name, is_dir, seq),
+            Err(Mutation::Offline(seq)) => self.logged(seq, |seq| self.offline_unlink(dir, name, is_dir, seq)),
             Err(Mutation::Failed(e)) => Err(e),
         }
     }
 
     /// An object lost a name: other names may remain (hard links), so its
     /// attributes are stale; if nothing holds it open, its cache goes.
-    pub(crate) fn forget_object(&self, fid: Fid) {
+    /// A name of `fid` is gone. With its last name the object goes from the
+    /// cache (its container once no handle is open) and so do its unsent
+    /// logged changes: nobody can reach that content any more.
+    pub(crate) fn forget_object(&self, fid: Fid) -> Result<()> {
         let nlink = self.cache.get(fid).map(|n| n.attr.nlink).unwrap_or(1);
+        if nlink <= 1 && !fid.is_local() {
+            self.cml.drop_unsent_changes(fid)?;
+        }
         if nlink > 1 || self.is_open(fid) {
             self.cache.update(fid, |n| {
                 n.valid = false;
@@ -971,6 +1020,7 @@ impl Venus {
         } else {
             self.cache.remove(fid);
         }
+        Ok(())
     }
 
     pub fn rename(
@@ -989,8 +1039,14 @@ impl Venus {
         }
         let no_replace = flags & libc::RENAME_NOREPLACE != 0;
         let replaced = self.listing(to_dir).ok().and_then(|e| e.get(to_name).map(|(f, _)| self.resolve(*f)));
-        let req =
-            RenameReq { from_dir: dir, from_name: name.to_string(), to_dir, to_name: to_name.to_string(), no_replace };
+        let req = RenameReq {
+            from_dir: dir,
+            from_name: name.to_string(),
+            to_dir,
+            to_name: to_name.to_string(),
+            no_replace,
+            replaced_base: None,
+        };
         match self.mutate(
             |seq| self.call(seq, Request::Rename(req.clone())),
             |r| match r {
@@ -1001,7 +1057,7 @@ impl Venus {
             Ok(r) => {
                 let moved = r.moved.fid;
                 if let Some(t) = replaced.filter(|t| *t != moved) {
-                    self.forget_object(t);
+                    self.forget_object(t)?;
                 }
                 self.after_dir_change(dir, Some(r.from_dir), None, Some(name));
                 self.after_dir_change(to_dir, Some(r.to_dir), Some((to_name, moved, r.moved.kind)), None);
@@ -1012,7 +1068,9 @@ impl Venus {
                 }
                 Ok(())
             }
-            Err(Mutation::Offline(seq)) => self.offline_rename(dir, name, to_dir, to_name, no_replace, seq),
+            Err(Mutation::Offline(seq)) => {
+                self.logged(seq, |seq| self.offline_rename(dir, name, to_dir, to_name, no_replace, seq))
+            }
             Err(Mutation::Failed(e)) => Err(e),
         }
     }
@@ -1042,7 +1100,7 @@ impl Venus {
         let reply = match reply {
             Ok(r) => Some(r),
             Err(Mutation::Offline(seq)) => {
-                self.offline_setattr(fid, &set, seq)?;
+                self.logged(seq, |seq| self.offline_setattr(fid, &set, seq))?;
                 None
             }
             Err(Mutation::Failed(e)) => return Err(e),
@@ -1234,9 +1292,12 @@ impl Venus {
     /// deferred by a crash of venus); logged ones go with reintegration.
     pub async fn store_dirty(&self) -> usize {
         let mut stored = 0;
-        let logged: HashSet<Fid> = self.cml.records().iter().map(|r| r.op.subject()).collect();
-        for (fid, n) in self.cache.all() {
-            if !n.dirty || self.is_open(fid) || logged.contains(&fid) || fid.is_local() {
+        for (fid, _) in self.cache.all() {
+            let _g = self.stripe(fid).lock().await;
+            // Decided under the lock: a close-time store or reintegration
+            // may have stored it (and moved its version on) meanwhile.
+            let Some(n) = self.cache.get(fid) else { continue };
+            if !n.dirty || self.is_open(fid) || fid.is_local() || self.cml.any(|r| r.op.subject() == fid) {
                 continue;
             }
             let file = match std::fs::OpenOptions::new().read(true).write(true).open(self.cache.container_path(fid)) {
@@ -1253,7 +1314,7 @@ impl Venus {
                 synced: Mutex::new(ContainerStamp::default()),
                 backing: Mutex::new(None),
             };
-            match self.store_shared(&shared).await {
+            match self.store_locked(fid, &shared).await {
                 Ok(()) if !self.cache.get(fid).is_some_and(|n| n.dirty) => stored += 1,
                 Ok(()) => {}
                 Err(e) => tracing::warn!(%fid, "storing a file left dirty failed: {e}"),

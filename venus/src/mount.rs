@@ -66,6 +66,17 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     cfg.manual_break_acks = true;
     let client = Client::new(cfg);
     client.resume_sequence_after(seq_floor);
+    let meta = cache.meta_tree();
+    client.reserve_sequences(
+        seq_floor + SEQ_BLOCK,
+        SEQ_BLOCK,
+        Arc::new(move |limit: u64| {
+            let saved = meta.insert("seq_hwm", &limit.to_be_bytes()).and_then(|_| meta.flush());
+            if let Err(e) = saved {
+                tracing::error!("could not persist the transaction id reservation: {e}");
+            }
+        }),
+    );
     let mountpoint = std::fs::canonicalize(&opts.mountpoint).unwrap_or_else(|_| opts.mountpoint.clone());
     let venus = Arc::new(Venus::new(rt.handle().clone(), client.clone(), cache, Link::new(forced), mountpoint)?);
     // Records sent before a restart, and stores cut short by it, keep their
@@ -131,17 +142,11 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             }
         }
     });
-    // The sequence-number reservation, and stores left dirty by a crash.
+    // Stores left dirty by a crash.
     let v = venus.clone();
     rt.spawn(async move {
-        let mut hwm = seq_floor + SEQ_BLOCK;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            if v.client.next_sequence() + SEQ_BLOCK / 2 > hwm {
-                hwm = v.client.next_sequence() + SEQ_BLOCK;
-                let _ = v.cache.meta_put("seq_hwm", &hwm.to_be_bytes());
-                let _ = v.cache.flush();
-            }
             if v.link.is_connected() && v.cml.is_empty() && v.cache.all().iter().any(|(_, n)| n.dirty) {
                 let n = v.store_dirty().await;
                 if n > 0 {

@@ -140,9 +140,14 @@ impl Venus {
             }
             _ => {}
         }
-        let base = if fid.is_local() { None } else { self.cache.view(fid, |n| n.attr.version.clone()) };
+        // Removing one of several names destroys no content: no version to
+        // check (and the file's own changes may be logged before it).
+        let base = match self.cache.view(fid, |n| (n.attr.nlink, n.attr.version.clone())) {
+            Some((1, version)) if !fid.is_local() => Some(version),
+            _ => None,
+        };
         self.after_dir_change(dir, None, None, Some(name));
-        self.forget_object(fid);
+        self.forget_object(fid)?;
         let op = if is_dir {
             CmlOp::Rmdir { dir, name: name.to_string(), fid }
         } else {
@@ -187,13 +192,21 @@ impl Venus {
         self.after_dir_change(to_dir, None, Some((to_name, fid, kind)), None);
         self.cache.update(fid, |n| n.parent = Some((to_dir, to_name.to_string())));
         let replaced = target.map(|(t, _)| t);
+        let replaced_base =
+            replaced.filter(|t| !t.is_local()).and_then(|t| self.cache.view(t, |n| n.attr.version.clone()));
         if let Some(t) = replaced {
-            self.forget_object(t);
+            self.forget_object(t)?;
         }
-        self.log(
-            CmlOp::Rename { from_dir: dir, from: name.to_string(), to_dir, to: to_name.to_string(), fid, replaced },
-            seq,
-        )
+        let op = CmlOp::Rename {
+            from_dir: dir,
+            from: name.to_string(),
+            to_dir,
+            to: to_name.to_string(),
+            fid,
+            replaced,
+            replaced_base,
+        };
+        self.log(op, seq)
     }
 
     pub(crate) fn offline_setattr(&self, fid: Fid, set: &SetAttr, seq: Option<u64>) -> Result<()> {

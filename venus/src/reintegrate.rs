@@ -11,7 +11,7 @@
 use crate::cache::ContainerStamp;
 use crate::cml::{CmlOp, Record};
 use crate::conflicts::{Conflict, ConflictKind, Side};
-use crate::errors::Result;
+use crate::errors::{Result, VenusError};
 use crate::fs::{promise_exp, Venus};
 use common::proto::*;
 use common::rpc::store_request;
@@ -22,6 +22,17 @@ use std::sync::Arc;
 
 const BATCH_RECORDS: usize = 1000;
 const BATCH_BYTES: usize = 2 << 20;
+/// Files staged (stores over the inline limit) per batch.
+const BATCH_STAGED: usize = 32;
+
+#[derive(Default)]
+struct Batch {
+    requests: Vec<ReintegrateRecord>,
+    /// The records sent, with their transaction ids.
+    sent: Vec<Record>,
+    /// Stage handles of the batch's large stores.
+    stages: Vec<u64>,
+}
 
 /// What a reintegration did.
 #[derive(Debug, Default)]
@@ -42,36 +53,23 @@ impl Venus {
         let mut touched_dirs = HashSet::new();
         let mut retries = 0;
         loop {
-            let records = self.cml.records();
-            if records.is_empty() {
+            let batch = self.next_batch().await?;
+            if batch.sent.is_empty() {
                 break;
             }
-            let mut batch = Vec::new();
-            let mut sent = Vec::new();
-            let mut bytes = 0;
-            for rec in records {
-                if batch.len() >= BATCH_RECORDS || bytes >= BATCH_BYTES {
-                    break;
-                }
-                let (req, creates, payload) = self.request_for(&rec).await?;
-                let seq = match rec.seq {
-                    Some(s) => s,
-                    None => {
-                        let s = self.client.allocate_sequence();
-                        self.cml.assign_seq(rec.id, s)?;
-                        s
-                    }
-                };
-                bytes += payload;
-                batch.push(ReintegrateRecord { seq, creates, req });
-                sent.push(Record { seq: Some(seq), ..rec });
-            }
             self.cache.flush()?;
-            let reply = self.remote(self.client.reintegrate(ReintegrateReq { records: batch })).await?;
+            let reply = self.remote(self.client.reintegrate(ReintegrateReq { records: batch.requests })).await?;
+            // Stage handles of records the server did not consume (answered
+            // from its reply cache) would count against this client's limit
+            // until they idle out.
+            self.release_stages(&batch.stages).await;
             let mut failed_locals: HashSet<Fid> = HashSet::new();
-            let mut merged_locals: HashSet<Fid> = HashSet::new();
+            // Local fids the server could not know in this batch (a directory
+            // merged into an existing one): records naming them ran without
+            // effect and are sent again, with the server's fid.
+            let mut resend_locals: HashSet<Fid> = HashSet::new();
             let mut kept = 0;
-            for (rec, result) in sent.iter().zip(reply.results) {
+            for (rec, result) in batch.sent.iter().zip(reply.results) {
                 // Every directory an offline change touched is listed afresh
                 // afterwards: its cached listing holds the offline view.
                 match &rec.op {
@@ -94,8 +92,14 @@ impl Venus {
                     self.finish(rec)?;
                     continue;
                 }
-                if rec.op.fids().iter().any(|f| merged_locals.contains(f)) {
-                    // Names a directory merged into an existing one: resend with its fid.
+                if rec.op.fids().iter().any(|f| resend_locals.contains(f)) {
+                    if let CmlOp::Create { fid, .. } | CmlOp::Mkdir { fid, .. } | CmlOp::Symlink { fid, .. } = &rec.op {
+                        resend_locals.insert(*fid);
+                    }
+                    self.cml.clear_seq(rec.id)?;
+                    if let Some(s) = rec.seq {
+                        self.client.unhold(s);
+                    }
                     kept += 1;
                     continue;
                 }
@@ -113,7 +117,7 @@ impl Venus {
                         match self.refused(rec, e, &mut touched_dirs).await? {
                             Refusal::Conflict => summary.conflicts += 1,
                             Refusal::Merged(local) => {
-                                merged_locals.insert(local);
+                                resend_locals.insert(local);
                                 summary.applied += 1;
                             }
                             Refusal::Harmless => summary.applied += 1,
@@ -132,6 +136,8 @@ impl Venus {
                     return Err(crate::errors::errno(libc::EIO, "reintegration keeps failing on the same records"));
                 }
             }
+            // Durable before the containers of adopted objects lose their
+            // local names (see `Cache::renumber`).
             self.cache.flush()?;
             let left = self.cml.len();
             if total > 200 {
@@ -154,6 +160,83 @@ impl Venus {
             tracing::info!(applied = summary.applied, conflicts = summary.conflicts, "reintegration complete");
         }
         Ok(summary)
+    }
+
+    /// The next records to send, each with its transaction id assigned and
+    /// persisted. A batch ends at its record or byte limit, at its limit of
+    /// staged files (the server holds a bounded number of stage handles per
+    /// client), and before a rename that replaces an object an earlier
+    /// record of the batch changes (its base is only known once that ran).
+    async fn next_batch(&self) -> Result<Batch> {
+        let mut batch = Batch::default();
+        let mut bytes = 0;
+        let mut subjects = HashSet::new();
+        for rec in self.cml.records_from(0, BATCH_RECORDS) {
+            if bytes >= BATCH_BYTES || batch.stages.len() >= BATCH_STAGED {
+                break;
+            }
+            if let CmlOp::Rename { replaced: Some(r), replaced_base: Some(_), .. } = &rec.op {
+                if subjects.contains(&self.resolve(*r)) {
+                    break;
+                }
+            }
+            let (req, creates, payload) = match self.request_for(&rec).await {
+                Ok(x) => x,
+                Err(VenusError::Io(e))
+                    if matches!(rec.op, CmlOp::Store { .. }) && e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    self.content_missing(&rec)?;
+                    continue;
+                }
+                Err(e) => {
+                    self.release_stages(&batch.stages).await;
+                    return Err(e);
+                }
+            };
+            if let Request::Store(StoreReq { data: StoreData::Staged(h), .. }) = &req {
+                batch.stages.push(*h);
+            }
+            let seq = match rec.seq {
+                Some(s) => s,
+                None => {
+                    let s = self.client.allocate_sequence();
+                    self.cml.assign_seq(rec.id, s)?;
+                    s
+                }
+            };
+            bytes += payload;
+            subjects.insert(self.resolve(rec.op.subject()));
+            batch.requests.push(ReintegrateRecord { seq, creates, req });
+            batch.sent.push(Record { seq: Some(seq), ..rec });
+        }
+        Ok(batch)
+    }
+
+    async fn release_stages(&self, stages: &[u64]) {
+        let mut releases = tokio::task::JoinSet::new();
+        for &handle in stages {
+            let client = self.client.clone();
+            releases.spawn(async move { client.release(ReleaseReq { handle }).await });
+        }
+        while releases.join_next().await.is_some() {}
+    }
+
+    /// A logged store whose content is not in the cache any more (it cannot
+    /// happen short of someone deleting cache files): it is reported as a
+    /// conflict with nothing local to keep, rather than blocking the log.
+    fn content_missing(&self, rec: &Record) -> Result<()> {
+        let fid = self.resolve(rec.op.subject());
+        let path = self.cache.path_of(fid);
+        tracing::error!(%fid, %path, "the cached content of a logged store is missing: the change is lost");
+        self.record_conflict(
+            ConflictKind::Refused,
+            &path,
+            None,
+            None,
+            None,
+            "the local copy of this file was missing from the cache at reintegration".into(),
+        )?;
+        self.finish(rec)
     }
 
     fn finish(&self, rec: &Record) -> Result<()> {
@@ -195,15 +278,17 @@ impl Venus {
                 (Request::Remove(RemoveReq { dir: *dir, name: name.clone(), base: base.clone() }), None, 0)
             }
             CmlOp::Rmdir { dir, name, .. } => (Request::Rmdir(RmdirReq { dir: *dir, name: name.clone() }), None, 0),
-            CmlOp::Rename { from_dir, from, to_dir, to, replaced, .. } => (
+            CmlOp::Rename { from_dir, from, to_dir, to, replaced, replaced_base, .. } => (
                 Request::Rename(RenameReq {
                     from_dir: *from_dir,
                     from_name: from.clone(),
                     to_dir: *to_dir,
                     to_name: to.clone(),
                     // A rename that replaced nothing offline must not replace
-                    // something created on the server meanwhile.
+                    // something created on the server meanwhile, nor one that
+                    // replaced a file replace a newer version of it.
                     no_replace: replaced.is_none(),
+                    replaced_base: replaced_base.clone(),
                 }),
                 None,
                 0,
@@ -219,7 +304,9 @@ impl Venus {
         match (&rec.op, reply) {
             (CmlOp::Store { fid, base, .. }, Reply::Store(e)) => {
                 let fid = self.resolve(*fid);
-                let still_logged = self.cml.records().iter().any(|r| r.id != rec.id && r.op.subject() == fid);
+                // Dirty only while later content of it is logged.
+                let still_logged =
+                    self.cml.any(|r| r.id != rec.id && r.op.subject() == fid && matches!(r.op, CmlOp::Store { .. }));
                 let stamp = std::fs::metadata(self.cache.container_path(fid)).ok().map(|m| ContainerStamp::of(&m));
                 let promise = promise_exp(e.promise);
                 let version = e.attr.version.clone();
@@ -278,8 +365,15 @@ impl Venus {
     /// A local fid got its server fid: cache, log, open files and the
     /// kernel's inode numbers follow.
     fn adopt_server_fid(&self, local: Fid, server: Fid, attr: &Attr, promise: Option<i64>) -> Result<()> {
-        let still_logged = self.cml.records().iter().any(|r| r.op.fids().contains(&local) && r.op.kind() == "store");
-        self.cache.renumber(local, server);
+        let still_logged = self.cml.any(|r| r.op.fids().contains(&local) && r.op.kind() == "store");
+        // A record resent after a crash may already carry the server's fid.
+        let renumber = local != server;
+        if renumber {
+            // The alias goes first: after a crash at any later point, start-up
+            // finishes the renumbering from it (`Venus::recover`).
+            self.add_alias(local, server)?;
+            self.cache.renumber(local, server);
+        }
         let version = attr.version.clone();
         self.cache.update(server, |n| {
             let (size, mtime) = (n.attr.size, n.attr.mtime);
@@ -295,9 +389,10 @@ impl Venus {
                 n.clean = std::fs::metadata(self.cache.container_path(server)).ok().map(|m| ContainerStamp::of(&m));
             }
         });
-        self.cml.remap(local, server)?;
+        if renumber {
+            self.cml.remap(local, server)?;
+        }
         self.rebase(server, &VersionVector::new(), &version);
-        self.add_alias(local, server)?;
         let mut opened = self.opened.lock().unwrap();
         if let Some(entry) = opened.remove(&local) {
             *entry.1.fid.lock().unwrap() = server;
@@ -422,7 +517,12 @@ impl Venus {
                 let (from_dir, to_dir) = (self.resolve(*from_dir), self.resolve(*to_dir));
                 let path = path_in(to_dir, to);
                 let server = self.server_attr(to_dir, to).await;
-                let kind = if e == FsError::Exists { ConflictKind::RenameCollision } else { ConflictKind::Refused };
+                // Exists: the name was taken meanwhile; Conflict: the file the
+                // rename replaced changed on the server. Either way both stay.
+                let kind = match e {
+                    FsError::Exists | FsError::Conflict(_) => ConflictKind::RenameCollision,
+                    _ => ConflictKind::Refused,
+                };
                 self.record_conflict(kind, &path, server, None, Some(path_in(from_dir, from)), detail)?;
                 dirs.insert(from_dir);
                 dirs.insert(to_dir);

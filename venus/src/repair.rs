@@ -157,6 +157,7 @@ impl Venus {
                         to_dir: dir,
                         to_name: name.clone(),
                         no_replace: false,
+                        replaced_base: None,
                     }))
                     .await?;
                     format!("renamed {from} over {}", c.path)
@@ -178,6 +179,7 @@ impl Venus {
                         to_dir: dir,
                         to_name: beside.clone(),
                         no_replace: true,
+                        replaced_base: None,
                     }))
                     .await?;
                     format!("kept both: the local one is {beside}")

@@ -117,9 +117,16 @@ struct Inner {
     /// Sequence numbers not to be acknowledged yet (calls in flight, and
     /// held ones), with a count: the ack stays below the least.
     outstanding: Mutex<BTreeMap<u64, u32>>,
+    /// Sequence numbers persisted as used up to (exclusive), and how to
+    /// persist the next block: see [`Client::reserve_sequences`].
+    reservation: Mutex<Option<(u64, u64, Reserve)>>,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     events: Mutex<Option<mpsc::UnboundedSender<ClientEvent>>>,
 }
+
+/// Persists "sequence numbers below this one may have been used", durably,
+/// before any of them is handed out.
+pub type Reserve = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// A cheaply clonable handle to the connection to one server.
 #[derive(Clone)]
@@ -158,6 +165,7 @@ impl Client {
             inner: Arc::new(Inner {
                 cfg,
                 next_seq: AtomicU64::new(1),
+                reservation: Mutex::new(None),
                 next_conn: AtomicU64::new(1),
                 outstanding: Mutex::new(BTreeMap::new()),
                 conn: tokio::sync::Mutex::new(None),
@@ -188,6 +196,13 @@ impl Client {
         self.inner.next_seq.fetch_max(seq + 1, Ordering::SeqCst);
     }
 
+    /// Makes allocation persist a new limit (`block` further on) whenever
+    /// it reaches `limit`, so a restarted owner that resumes after the last
+    /// persisted limit never reuses a number, however fast they are used.
+    pub fn reserve_sequences(&self, limit: u64, block: u64, persist: Reserve) {
+        *self.inner.reservation.lock().unwrap() = Some((limit, block.max(1), persist));
+    }
+
     /// The next sequence number that will be used.
     pub fn next_sequence(&self) -> u64 {
         self.inner.next_seq.load(Ordering::SeqCst)
@@ -199,6 +214,14 @@ impl Client {
     pub fn allocate_sequence(&self) -> u64 {
         let mut out = self.inner.outstanding.lock().unwrap();
         let seq = self.inner.next_seq.fetch_add(1, Ordering::SeqCst);
+        if let Some((limit, block, persist)) = self.inner.reservation.lock().unwrap().as_mut() {
+            if seq >= *limit {
+                // Allocation is serialised by the lock held here, so no
+                // number beyond the persisted limit escapes meanwhile.
+                *limit = seq + *block;
+                persist(*limit);
+            }
+        }
         *out.entry(seq).or_insert(0) += 1;
         seq
     }
