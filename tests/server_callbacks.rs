@@ -16,7 +16,7 @@ async fn store(c: &Client, fid: Fid, base: VersionVector, data: &[u8]) -> Result
         fid,
         base,
         size: data.len() as u64,
-        data: StoreData::Inline(data.to_vec()),
+        data: StoreData::Inline(data.to_vec().into()),
         mtime: None,
         mode: None,
     })
@@ -55,7 +55,7 @@ async fn a_store_breaks_other_holders_at_once() {
     let mut a_events = a.events();
     let fid = lookup(&a, "f").await.attr.fid;
     let fetched = a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
-    assert_eq!(fetched.data, b"v1");
+    assert_eq!(&fetched.data[..], b"v1");
     assert!(fetched.promise.is_some(), "a fetch comes with a promise");
 
     let base = lookup(&b, "f").await.attr.version;
@@ -64,7 +64,7 @@ async fn a_store_breaks_other_holders_at_once() {
     let took = expect_break(&mut a_events, fid, Duration::from_secs(2)).await;
     eprintln!("break reached A {:?} after B's store returned ({:?} after it was sent)", took, t.elapsed());
     assert!(stored.attr.version.descends_from(&base) && stored.attr.version != base);
-    assert_eq!(a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap().data, b"v2");
+    assert_eq!(a.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap().data[..], b"v2"[..]);
 
     // A store based on the old version is a conflict, not a silent overwrite.
     let err = store(&a, fid, base, b"stale").await.unwrap_err();
@@ -114,7 +114,7 @@ async fn an_edit_in_the_export_breaks_promises() {
     let took = expect_break(&mut a_events, f.attr.fid, Duration::from_secs(3)).await;
     eprintln!("direct edit noticed after {took:?}");
     let again = a.fetch(FetchReq { fid: f.attr.fid, inline_max: 1 << 20 }).await.unwrap();
-    assert_eq!(again.data, b"edited by an admin");
+    assert_eq!(&again.data[..], b"edited by an admin");
     assert_eq!(again.attr.fid, f.attr.fid, "an edit keeps the fid");
     assert_ne!(again.attr.version, f.attr.version, "and gives a new version");
 

@@ -216,7 +216,7 @@ impl Service for Volume {
                 return Ok(FetchReply {
                     attr: self.attr(req.fid, &obj, &st),
                     promise,
-                    data: target.into_bytes(),
+                    data: target.into_bytes().into(),
                     handle: None,
                 });
             }
@@ -254,7 +254,7 @@ impl Service for Volume {
         } else {
             None
         };
-        Ok(FetchReply { attr, promise, data, handle })
+        Ok(FetchReply { attr, promise, data: data.into(), handle })
     }
 
     async fn read_chunk(&self, cx: &CallContext, req: ReadChunkReq) -> Result<Chunk, FsError> {
@@ -277,7 +277,7 @@ impl Service for Volume {
             Ok(got)
         })?;
         data.truncate(n);
-        Ok(Chunk { data })
+        Ok(Chunk { data: data.into() })
     }
 
     async fn release(&self, cx: &CallContext, req: ReleaseReq) -> Result<(), FsError> {

@@ -77,7 +77,7 @@ pub fn run(cfg: &Config, addr: &str, state: &Path, res: &mut Results) -> Result<
                                     fid: wfid,
                                     base: base.clone(),
                                     size: body.len() as u64,
-                                    data: StoreData::Inline(body.clone()),
+                                    data: StoreData::Inline(body.clone().into()),
                                     mtime: None,
                                     mode: None,
                                 })
@@ -131,7 +131,7 @@ pub fn run(cfg: &Config, addr: &str, state: &Path, res: &mut Results) -> Result<
                     fid: hot,
                     base: hot_base.clone(),
                     size: 4096,
-                    data: StoreData::Inline(vec![7u8; 4096]),
+                    data: StoreData::Inline(vec![7u8; 4096].into()),
                     mtime: None,
                     mode: None,
                 })

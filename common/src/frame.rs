@@ -1,4 +1,11 @@
-//! Framing: a 4-byte big-endian length, then an rmp-serde body.
+//! Framing: a 4-byte big-endian length, then the frame.
+//!
+//! The handshake uses plain frames: an rmp-serde body. After it, every
+//! [`Message`] travels as `[u32 body length][body][payload]`, where the
+//! payload is the bulk bytes the message carries (file data of fetches,
+//! chunks and staged writes), sent as they are after the encoded body: file data is
+//! never copied into an encoding buffer nor decoded out of one, and a chunk
+//! arrives in a buffer of its own, ready to be written to disk.
 //!
 //! All encoding and decoding of wire messages lives here. A frame longer than
 //! [`MAX_FRAME`] is refused before its body is read, so a hostile or broken
@@ -7,6 +14,7 @@
 
 use crate::error::FsError;
 use crate::proto::{Push, Reply, Request, Xid};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
@@ -20,8 +28,8 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 /// Protocol magic, the first field of the first frame: "AFS\x01".
 pub const MAGIC: u32 = 0x4146_5301;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks (2: payloads outside the body).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -91,15 +99,10 @@ pub enum Message {
     Pong,
 }
 
-/// Serialises a message into a complete frame (length prefix included).
+/// Serialises a message into a complete plain frame (length prefix
+/// included): the handshake's encoding.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    encode_sized(msg, 0)
-}
-
-/// Like [`encode`], with room reserved for `payload` bytes up front, so a
-/// chunk is copied once instead of through a growing buffer.
-pub fn encode_sized<T: Serialize>(msg: &T, payload: usize) -> Result<Vec<u8>, FrameError> {
-    let mut buf = Vec::with_capacity(payload + 256);
+    let mut buf = Vec::with_capacity(256);
     buf.extend_from_slice(&[0u8; 4]);
     rmp_serde::encode::write_named(&mut buf, msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
@@ -131,8 +134,8 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
     Ok(Some((&buf[4..4 + len], 4 + len)))
 }
 
-/// Reads one frame body. `Ok(None)` on a clean close between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+/// Reads a frame's length. `Ok(None)` on a clean close between frames.
+async fn read_length<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<usize>, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -146,12 +149,107 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+    Ok(Some(len))
+}
+
+fn truncated(e: std::io::Error) -> FrameError {
+    match e.kind() {
         std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
         _ => FrameError::Io(e),
-    })?;
+    }
+}
+
+/// Reads one frame body. `Ok(None)` on a clean close between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    let Some(len) = read_length(r).await? else { return Ok(None) };
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(truncated)?;
     Ok(Some(body))
+}
+
+/// A message ready to send: the frame's head (length, body length, body)
+/// and the payload that follows it unencoded.
+#[derive(Debug)]
+pub struct Outgoing {
+    head: Vec<u8>,
+    payload: Bytes,
+}
+
+impl Outgoing {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// Where a message keeps its bulk bytes, for the kinds that carry them.
+fn payload_slot(msg: &mut Message) -> Option<&mut Bytes> {
+    match msg {
+        Message::Call { body: Request::StageWrite(w), .. } => Some(&mut w.data),
+        Message::Return { result: Ok(Reply::ReadChunk(c)), .. } => Some(&mut c.data),
+        Message::Return { result: Ok(Reply::Fetch(f)), .. } => Some(&mut f.data),
+        _ => None,
+    }
+}
+
+/// Encodes a message sent after the handshake. The payload is shared with
+/// the message, not copied.
+pub fn encode_message(mut msg: Message) -> Result<Outgoing, FrameError> {
+    let payload = payload_slot(&mut msg).map(std::mem::take).unwrap_or_default();
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(&[0u8; 8]);
+    rmp_serde::encode::write_named(&mut head, &msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let body = head.len() - 8;
+    let len = 4 + body + payload.len();
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    head[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    head[4..8].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(Outgoing { head, payload })
+}
+
+/// Reads one message sent after the handshake. `Ok(None)` on a clean close
+/// between frames. The payload is read straight into its own buffer.
+pub async fn read_message_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
+    let Some(len) = read_length(r).await? else { return Ok(None) };
+    if len < 4 {
+        return Err(FrameError::Malformed(format!("frame of {len} bytes has no body length")));
+    }
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b).await.map_err(truncated)?;
+    let body_len = u32::from_be_bytes(b) as usize;
+    if body_len > len - 4 {
+        return Err(FrameError::Malformed(format!("body of {body_len} bytes in a frame of {len}")));
+    }
+    let mut body = vec![0u8; body_len];
+    r.read_exact(&mut body).await.map_err(truncated)?;
+    let mut msg: Message = decode(&body)?;
+    let payload_len = len - 4 - body_len;
+    let mut payload = BytesMut::with_capacity(payload_len);
+    while payload.len() < payload_len {
+        let want = payload_len - payload.len();
+        if r.read_buf(&mut (&mut payload).limit(want)).await? == 0 {
+            return Err(FrameError::Truncated);
+        }
+    }
+    match payload_slot(&mut msg) {
+        Some(slot) => *slot = payload.freeze(),
+        None if payload_len > 0 => return Err(FrameError::Malformed("payload on a message without one".into())),
+        None => {}
+    }
+    Ok(Some(msg))
 }
 
 /// Reads and decodes one message; a clean close is an error here.
@@ -194,11 +292,26 @@ mod tests {
         }
     }
 
+    fn wire(out: &Outgoing) -> Vec<u8> {
+        let mut bytes = out.head().to_vec();
+        bytes.extend_from_slice(out.payload());
+        bytes
+    }
+
+    fn read_back(bytes: &[u8]) -> Result<Option<Message>, FrameError> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let mut r = bytes;
+            let msg = read_message_frame(&mut r).await;
+            if msg.is_ok() {
+                assert!(r.is_empty(), "the frame was not read to its end");
+            }
+            msg
+        })
+    }
+
     fn round_trip(msg: Message) -> Message {
-        let frame = encode(&msg).unwrap();
-        let (body, used) = split_frame(&frame).unwrap().unwrap();
-        assert_eq!(used, frame.len());
-        decode(body).unwrap()
+        read_back(&wire(&encode_message(msg).unwrap())).unwrap().unwrap()
     }
 
     #[test]
@@ -222,14 +335,14 @@ mod tests {
             result: Ok(Reply::Fetch(FetchReply {
                 attr: attr(),
                 promise: None,
-                data: b"abc".to_vec(),
+                data: b"abc".to_vec().into(),
                 handle: Some(3),
             })),
         };
         match round_trip(ret) {
             Message::Return { seq: 5, result: Ok(Reply::Fetch(f)) } => {
                 assert_eq!(f.attr, attr_like(&f.attr));
-                assert_eq!(f.data, b"abc");
+                assert_eq!(&f.data[..], b"abc");
                 assert_eq!(f.handle, Some(3));
             }
             other => panic!("unexpected {other:?}"),
@@ -248,13 +361,28 @@ mod tests {
     }
 
     #[test]
-    fn chunk_payloads_are_raw_bytes() {
-        // 1 MiB of data must cost about 1 MiB on the wire, not an array of
-        // integers (which would take up to twice as much).
-        let data = vec![0xffu8; CHUNK_SIZE];
-        let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data })) };
-        let frame = encode(&msg).unwrap();
-        assert!(frame.len() < CHUNK_SIZE + 256, "frame is {} bytes", frame.len());
+    fn chunk_payloads_travel_outside_the_body() {
+        // 1 MiB of data costs 1 MiB on the wire, after a small head.
+        let data = Bytes::from(vec![0xabu8; CHUNK_SIZE]);
+        let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: data.clone() })) };
+        let out = encode_message(msg).unwrap();
+        assert!(out.head().len() < 64, "head is {} bytes", out.head().len());
+        assert_eq!(out.payload(), &data[..]);
+        match read_back(&wire(&out)).unwrap().unwrap() {
+            Message::Return { seq: 1, result: Ok(Reply::ReadChunk(c)) } => assert_eq!(c.data, data),
+            other => panic!("unexpected {other:?}"),
+        }
+        let write = Message::Call {
+            xid: Xid { client: Uuid::nil(), seq: 2 },
+            ack: 1,
+            body: Request::StageWrite(StageWriteReq { handle: 4, offset: 8, data: data.clone() }),
+        };
+        match round_trip(write) {
+            Message::Call { body: Request::StageWrite(w), .. } => {
+                assert_eq!((w.handle, w.offset, w.data), (4, 8, data))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]
@@ -262,13 +390,30 @@ mod tests {
         let mut frame = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&[0; 16]);
         assert!(matches!(split_frame(&frame), Err(FrameError::TooLarge(_))));
+        assert!(matches!(read_back(&frame), Err(FrameError::TooLarge(_))));
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(async {
             let mut r = &frame[..];
             assert!(matches!(read_frame(&mut r).await, Err(FrameError::TooLarge(_))));
         });
-        let big = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: vec![0; MAX_FRAME + 1] })) };
-        assert!(matches!(encode(&big), Err(FrameError::TooLarge(_))));
+        let data = Bytes::from(vec![0; MAX_FRAME + 1]);
+        let big = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data })) };
+        assert!(matches!(encode_message(big), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn inconsistent_lengths_are_malformed() {
+        let ping = wire(&encode_message(Message::Ping).unwrap());
+        // A body length beyond the frame.
+        let mut bad = ping.clone();
+        bad[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(matches!(read_back(&bad), Err(FrameError::Malformed(_))));
+        // Payload bytes after a message that carries none.
+        let mut extra = ping.clone();
+        let len = u32::from_be_bytes(extra[..4].try_into().unwrap()) + 3;
+        extra[..4].copy_from_slice(&len.to_be_bytes());
+        extra.extend_from_slice(b"xyz");
+        assert!(matches!(read_back(&extra), Err(FrameError::Malformed(_))));
     }
 
     #[test]
@@ -284,6 +429,13 @@ mod tests {
             let mut empty: &[u8] = &[];
             assert!(read_frame(&mut empty).await.unwrap().is_none());
         });
+        assert!(read_back(&[]).unwrap().is_none());
+        let chunk =
+            Message::Return { seq: 3, result: Ok(Reply::ReadChunk(Chunk { data: Bytes::from(vec![1u8; 100]) })) };
+        let bytes = wire(&encode_message(chunk).unwrap());
+        for cut in 1..bytes.len() {
+            assert!(matches!(read_back(&bytes[..cut]), Err(FrameError::Truncated)), "cut at {cut}");
+        }
         // A body cut short decodes to an error, not a panic.
         let call = encode(&Message::Call {
             xid: Xid { client: Uuid::nil(), seq: 1 },
@@ -312,6 +464,7 @@ mod tests {
             let _ = decode::<Message>(&bytes);
             let _ = decode::<Hello>(&bytes);
             let _ = split_frame(&bytes);
+            let _ = read_back(&bytes);
         }
         // Valid frames with flipped bytes too.
         let good = encode(&Message::Call {

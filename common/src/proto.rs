@@ -11,6 +11,21 @@ use crate::attr::{Attr, DirEntry, FsStats, SetAttr, Timestamp};
 use crate::error::FsError;
 use crate::fid::Fid;
 use crate::version_vector::VersionVector;
+pub use bytes::Bytes;
+
+/// Serde for a `Bytes` field encoded inside the message body.
+mod bytes_in_body {
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::serialize(&b[..], s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(|b| Bytes::from(b.into_vec()))
+    }
+}
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use uuid::Uuid;
@@ -99,8 +114,9 @@ pub struct FetchReply {
     pub attr: Attr,
     pub promise: Option<Promise>,
     /// The first bytes of the file (the symlink target for a symlink).
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    /// Bulk bytes travel after the encoded message (see `frame`).
+    #[serde(skip)]
+    pub data: Bytes,
     /// Set when more data follows: read it with `ReadChunk`, then release
     /// it. The handle pins the fetched version, so chunks never mix versions.
     pub handle: Option<u64>,
@@ -115,8 +131,8 @@ pub struct ReadChunkReq {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Chunk {
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    #[serde(skip)]
+    pub data: Bytes,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -137,13 +153,15 @@ pub struct StageHandle {
 pub struct StageWriteReq {
     pub handle: u64,
     pub offset: u64,
-    #[serde(with = "serde_bytes")]
-    pub data: Vec<u8>,
+    #[serde(skip)]
+    pub data: Bytes,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum StoreData {
-    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Small content, inside the encoded body (stores also travel inside
+    /// reintegration batches, where no payload slot exists).
+    Inline(#[serde(with = "bytes_in_body")] Bytes),
     /// A file staged with `StageOpen`/`StageWrite`; the store consumes it.
     Staged(u64),
 }

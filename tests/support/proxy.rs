@@ -59,7 +59,15 @@ impl Proxy {
                                 Ok(Some(b)) => b,
                                 _ => break,
                             };
-                            let is_return = matches!(frame::decode::<Message>(&body), Ok(Message::Return { .. }));
+                            // Handshake frames are plain; later ones start with the body length.
+                            let split = body
+                                .get(..4)
+                                .map(|l| u32::from_be_bytes(l.try_into().unwrap()) as usize)
+                                .and_then(|l| body.get(4..4 + l));
+                            let is_return = [Some(&body[..]), split]
+                                .into_iter()
+                                .flatten()
+                                .any(|b| matches!(frame::decode::<Message>(b), Ok(Message::Return { .. })));
                             if is_return
                                 && d.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
                             {

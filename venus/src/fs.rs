@@ -416,7 +416,8 @@ impl Venus {
         let gen = self.gen(fid);
         match self.remote_blocking(self.client.fetch(FetchReq { fid, inline_max: 8192 })) {
             Ok(r) => {
-                let target = String::from_utf8(r.data).map_err(|_| errno(libc::EIO, "symlink target is not UTF-8"))?;
+                let target =
+                    String::from_utf8(r.data.to_vec()).map_err(|_| errno(libc::EIO, "symlink target is not UTF-8"))?;
                 let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
                 self.cache.learn(fid, r.attr, None, promise);
                 self.cache.update(fid, |n| n.target = Some(target.clone()));

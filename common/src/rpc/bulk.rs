@@ -126,7 +126,7 @@ pub async fn store_request(
     let data = if size <= CHUNK_SIZE as u64 {
         let mut buf = vec![0u8; size as usize];
         src.read_exact_at(&mut buf, 0).map_err(io_err)?;
-        StoreData::Inline(buf)
+        StoreData::Inline(buf.into())
     } else {
         let handle = client.stage_open(StageOpenReq {}).await?.handle;
         if let Err(e) = stage_all(client, handle, size, &src).await {
@@ -153,7 +153,7 @@ async fn stage_all(client: &Client, handle: u64, size: u64, src: &Arc<File>) -> 
                 .await
                 .map_err(|e| RpcError::Protocol(e.to_string()))?
                 .map_err(io_err)?;
-                c.stage_write(StageWriteReq { handle, offset, data }).await
+                c.stage_write(StageWriteReq { handle, offset, data: data.into() }).await
             });
             next += len as u64;
         }

@@ -11,7 +11,7 @@ use super::outbox::{Frame, Outbox};
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
-use crate::proto::{Operation, Push, Reply, Request, StoreData, StoreReq, Xid};
+use crate::proto::{Operation, Push, Reply, Request, Xid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -267,7 +267,7 @@ impl Client {
     /// Tells the server a break has been applied (see `manual_break_acks`).
     pub async fn ack_break(&self, id: u64) {
         let conn = self.inner.conn.lock().await.clone();
-        if let (Some(c), Ok(f)) = (conn, frame::encode(&Message::BreakAck { id })) {
+        if let (Some(c), Ok(f)) = (conn, frame::encode_message(Message::BreakAck { id })) {
             let _ = c.outbox.send(Arc::new(f)).await;
         }
     }
@@ -278,7 +278,7 @@ impl Client {
         let conn = timeout(wait, self.connection()).await.map_err(|_| RpcError::Timeout(wait))??;
         let (tx, rx) = oneshot::channel();
         conn.pings.lock().unwrap().push(tx);
-        let frame = Arc::new(frame::encode(&Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
+        let frame = Arc::new(frame::encode_message(Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
         conn.outbox.send(frame).await.map_err(|_| RpcError::Unreachable("connection closed".into()))?;
         match timeout(wait.saturating_sub(start.elapsed()), rx).await {
             Ok(Ok(())) => Ok(start.elapsed()),
@@ -313,13 +313,8 @@ impl Client {
         inner.retain(seq);
         let _guard = OutstandingGuard(inner, seq);
         let xid = Xid { client: inner.cfg.client_id, seq };
-        let payload = match &body {
-            Request::StageWrite(w) => w.data.len(),
-            Request::Store(StoreReq { data: StoreData::Inline(d), .. }) => d.len(),
-            _ => 0,
-        };
         let frame: Frame = Arc::new(
-            frame::encode_sized(&Message::Call { xid, ack: self.ack(), body }, payload)
+            frame::encode_message(Message::Call { xid, ack: self.ack(), body })
                 .map_err(|e| RpcError::Protocol(e.to_string()))?,
         );
         let deadline = Instant::now() + inner.cfg.call_timeout;
@@ -418,18 +413,16 @@ impl Client {
             };
             loop {
                 let read = tokio::select! {
-                    r = frame::read_frame(&mut rd) => r,
+                    r = frame::read_message_frame(&mut rd) => r,
                     _ = kill.notified() => break,
                 };
                 let msg: Message = match read {
-                    Ok(Some(body)) => match frame::decode(&body) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::warn!(conn = id, "bad message from server: {e}");
-                            break;
-                        }
-                    },
+                    Ok(Some(m)) => m,
                     Ok(None) => break,
+                    Err(e @ frame::FrameError::Malformed(_)) => {
+                        tracing::warn!(conn = id, "bad message from server: {e}");
+                        break;
+                    }
                     Err(e) => {
                         tracing::debug!(conn = id, "connection read failed: {e}");
                         break;
@@ -443,9 +436,7 @@ impl Client {
                     }
                     Message::Push(p) => {
                         if let (Push::Break { id, .. }, false) = (&p, manual_acks) {
-                            if let Ok(f) = frame::encode(&Message::BreakAck { id: *id }) {
-                                let _ = outbox.send(Arc::new(f)).await;
-                            }
+                            let _ = outbox.send_message(Message::BreakAck { id: *id }).await;
                         }
                         emit(ClientEvent::Push(p));
                     }

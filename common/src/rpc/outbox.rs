@@ -5,6 +5,7 @@
 //! queue first, so a stat never waits behind a gigabyte: at most behind the
 //! one chunk already on the wire.
 
+use crate::frame::Outgoing;
 use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
@@ -12,7 +13,7 @@ use tokio::sync::mpsc;
 /// Frames larger than this travel in the bulk queue.
 const BULK_THRESHOLD: usize = 64 << 10;
 
-pub type Frame = Arc<Vec<u8>>;
+pub type Frame = Arc<Outgoing>;
 
 #[derive(Clone)]
 pub struct Outbox {
@@ -40,13 +41,13 @@ impl Outbox {
                     Some(f) = bulk_rx.recv() => f,
                     else => break,
                 };
-                if w.write_all(&frame).await.is_err() {
+                if write(&mut w, &frame).await.is_err() {
                     break;
                 }
                 // Coalesce whatever small frames are already waiting.
                 let mut failed = false;
                 while let Ok(f) = urgent_rx.try_recv() {
-                    if w.write_all(&f).await.is_err() {
+                    if write(&mut w, &f).await.is_err() {
                         failed = true;
                         break;
                     }
@@ -60,6 +61,17 @@ impl Outbox {
         Outbox { urgent, bulk }
     }
 
+    /// Encodes and queues a message.
+    pub async fn send_message(&self, msg: crate::frame::Message) -> Result<(), Closed> {
+        match crate::frame::encode_message(msg) {
+            Ok(f) => self.send(Arc::new(f)).await,
+            Err(e) => {
+                tracing::error!("cannot encode a message: {e}");
+                Ok(())
+            }
+        }
+    }
+
     pub async fn send(&self, frame: Frame) -> Result<(), Closed> {
         let queue = if frame.len() > BULK_THRESHOLD { &self.bulk } else { &self.urgent };
         queue.send(frame).await.map_err(|_| Closed)
@@ -68,4 +80,11 @@ impl Outbox {
     pub fn is_closed(&self) -> bool {
         self.urgent.is_closed()
     }
+}
+
+/// The head goes through the buffer; a large payload goes straight to the
+/// socket (the buffer passes writes larger than itself through).
+async fn write<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, frame: &Outgoing) -> std::io::Result<()> {
+    w.write_all(frame.head()).await?;
+    w.write_all(frame.payload()).await
 }

@@ -72,7 +72,7 @@ impl Pusher {
     pub fn push(&self, p: Push) -> impl Future<Output = bool> + Send + 'static {
         let outbox = self.outbox.clone();
         async move {
-            match frame::encode(&Message::Push(p)) {
+            match frame::encode_message(Message::Push(p)) {
                 Ok(f) => outbox.send(Arc::new(f)).await.is_ok(),
                 Err(_) => false,
             }
@@ -95,7 +95,7 @@ impl Pusher {
         self.acks.lock().unwrap().insert(id, tx);
         let (outbox, acks) = (self.outbox.clone(), self.acks.clone());
         async move {
-            let sent = match frame::encode(&Message::Push(Push::Break { id, fids })) {
+            let sent = match frame::encode_message(Message::Push(Push::Break { id, fids })) {
                 Ok(f) => outbox.send(Arc::new(f)).await.is_ok(),
                 Err(_) => false,
             };
@@ -210,12 +210,13 @@ impl<S: Service + Hooks> RpcServer<S> {
         self.service.connected(client, conn, pusher.clone());
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let result = loop {
-            let body = match frame::read_frame(&mut rd).await {
-                Ok(Some(b)) => b,
+            let msg = match frame::read_message_frame(&mut rd).await {
+                Ok(Some(m)) => Ok(m),
                 Ok(None) => break Ok(()),
+                Err(e @ FrameError::Malformed(_)) => Err(e),
                 Err(e) => break Err(format!("read failed: {e}")),
             };
-            match frame::decode::<Message>(&body) {
+            match msg {
                 Ok(Message::Call { xid, ack, body }) => {
                     if xid.client != client {
                         break Err(format!("request claims client {} on a connection of {client}", xid.client));
@@ -229,8 +230,7 @@ impl<S: Service + Hooks> RpcServer<S> {
                 }
                 Ok(Message::BreakAck { id }) => pusher.acknowledge(id),
                 Ok(Message::Ping) => {
-                    let pong = Arc::new(frame::encode(&Message::Pong).expect("pong encodes"));
-                    let _ = outbox.send(pong).await;
+                    let _ = outbox.send_message(Message::Pong).await;
                 }
                 Ok(other) => break Err(format!("unexpected message {other:?}")),
                 Err(e) => break Err(format!("malformed request: {e}")),
@@ -331,13 +331,9 @@ impl<S: Service + Hooks> RpcServer<S> {
                 result
             }
         };
+        // Cheap: bulk bytes are shared, not copied.
         let msg = Message::Return { seq: xid.seq, result: (*result).clone() };
-        let payload = match &msg {
-            Message::Return { result: Ok(Reply::ReadChunk(c)), .. } => c.data.len(),
-            Message::Return { result: Ok(Reply::Fetch(f)), .. } => f.data.len(),
-            _ => 0,
-        };
-        match frame::encode_sized(&msg, payload) {
+        match frame::encode_message(msg) {
             Ok(f) => {
                 let _ = outbox.send(Frame::new(f)).await;
             }
