@@ -9,5 +9,6 @@ mod server_safety;
 mod venus_connected;
 mod venus_hoard;
 mod venus_offline;
+mod venus_offline_edges;
 mod venus_random;
 mod venus_reintegration;

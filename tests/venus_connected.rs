@@ -301,3 +301,49 @@ fn attribute_changes_on_an_open_file_keep_its_writes() {
     drop(fs::OpenOptions::new().write(true).truncate(true).open(a.path("emptied")).unwrap());
     assert_eq!(fs::read(afsd.export.join("emptied")).unwrap(), b"");
 }
+
+fn mounted(p: &std::path::Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let p = p.to_str().unwrap();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(p))
+}
+
+/// SIGTERM at any moment of start-up (before, during and right after the
+/// mount) ends venus cleanly: it exits and leaves no dead mount behind.
+#[test]
+fn sigterm_during_startup_leaves_no_mount_behind() {
+    let dir = TestDir::new("sigterm-startup");
+    let afsd = Afsd::start(dir.path());
+    let mountpoint = dir.path().join("m");
+    fs::create_dir_all(&mountpoint).unwrap();
+    for delay_ms in [0u64, 2, 5, 10, 20, 40, 80, 150] {
+        let mut child = std::process::Command::new(crate::support::bin("venus"))
+            .arg("mount")
+            .arg(&mountpoint)
+            .args(["--server", &afsd.addr, "--key"])
+            .arg(afsd.key_path())
+            .arg("--cache")
+            .arg(dir.path().join("cache"))
+            .stdout(std::process::Stdio::null())
+            .env("RUST_LOG", "error")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(status.is_some(), "venus still running 20 s after SIGTERM at {delay_ms} ms");
+        assert!(!mounted(&mountpoint), "a mount was left behind by SIGTERM at {delay_ms} ms");
+        // The mountpoint is an ordinary, working directory again.
+        assert!(fs::read_dir(&mountpoint).is_ok(), "dead mount after SIGTERM at {delay_ms} ms");
+    }
+}

@@ -430,7 +430,9 @@ impl Service for Volume {
         let (from_parent, from_name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
         let (_, from_path) = self.open_dir(from_parent)?;
         let now = Timestamp::now();
-        let mut new_obj = bumped(&obj, cx.client());
+        // A new name is not new content: the version (which clients check
+        // their cached content and their logged changes against) stays.
+        let mut new_obj = obj.clone();
         new_obj.names.push((req.dir, req.name.clone()));
         let new_dir = bumped(&dobj, cx.client());
         let mut attr = self.attr(req.fid, &new_obj, &st);
@@ -556,7 +558,8 @@ impl Service for Volume {
                     plan.objects.push((*t, None));
                 } else {
                     let _ = tgt_st;
-                    plan.objects.push((*t, Some(bumped(&gone, cx.client()))));
+                    // One name less, same content: same version.
+                    plan.objects.push((*t, Some(gone)));
                     plan.reseen.push(*t);
                 }
                 plan.breaks.push(*t);
@@ -809,7 +812,8 @@ impl Volume {
             if rest.names.is_empty() {
                 plan.objects.push((fid, None));
             } else {
-                plan.objects.push((fid, Some(bumped(&rest, cx.client()))));
+                // One name less, same content: same version.
+                plan.objects.push((fid, Some(rest)));
                 plan.reseen.push(fid);
             }
             let reply = DirChanged { dir: dir_after(self, dir, &new_dir, &dst, now) };

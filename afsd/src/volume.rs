@@ -378,6 +378,14 @@ impl Volume {
             return Ok(obj);
         }
         let mut obj = obj;
+        if obj.seen == Seen::default() {
+            // Created by the server, which records what it made on disk only
+            // after making it; a crash in between loses that record, not an
+            // edit. Adopting the state as it is keeps the version.
+            obj.seen = (&st).into();
+            self.db.objects.insert(fid_key(fid), db::encode(&obj)).map_err(db_err)?;
+            return Ok(obj);
+        }
         obj.version.increment(self.server_id);
         obj.seen = (&st).into();
         let encoded = db::encode(&obj);

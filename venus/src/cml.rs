@@ -201,6 +201,11 @@ impl Cml {
         self.records.lock().unwrap().iter().skip(skip).take(n).cloned().collect()
     }
 
+    /// Whether the record is still in the log (ids ascend with position).
+    pub fn contains(&self, id: u64) -> bool {
+        self.records.lock().unwrap().binary_search_by_key(&id, |r| r.id).is_ok()
+    }
+
     /// Whether some record matches, without copying the log.
     pub fn any(&self, f: impl Fn(&Record) -> bool) -> bool {
         self.records.lock().unwrap().iter().any(f)
@@ -315,10 +320,12 @@ impl Cml {
                     for &i in touching.iter().rev() {
                         let r = recs.remove(i);
                         self.delete(r.id)?;
-                        if let CmlOp::Rename { to_dir, to, replaced: Some(old), .. } = r.op {
+                        if let CmlOp::Rename { to_dir, to, replaced: Some(old), replaced_base, .. } = r.op {
+                            // With the version it replaced: a change made on
+                            // the server meanwhile becomes a conflict.
                             let rec = Record {
                                 id: r.id,
-                                op: CmlOp::Remove { dir: to_dir, name: to, fid: old, base: None },
+                                op: CmlOp::Remove { dir: to_dir, name: to, fid: old, base: replaced_base },
                                 seq: None,
                             };
                             self.put(&rec)?;
@@ -357,15 +364,19 @@ impl Cml {
         Ok(())
     }
 
-    /// Records the transaction id a record is sent under (before sending).
-    pub fn assign_seq(&self, id: u64, seq: u64) -> Result<()> {
+    /// Claims a record for sending: its transaction id, assigned (from
+    /// `allocate`) and persisted now if it has none. From here on the record
+    /// is never rewritten or folded away. None if it is gone already (folded
+    /// into a later record while its request was being built).
+    pub fn claim(&self, id: u64, allocate: impl FnOnce() -> u64) -> Result<Option<Record>> {
         let mut recs = self.records.lock().unwrap();
-        if let Some(r) = recs.iter_mut().find(|r| r.id == id) {
-            r.seq = Some(seq);
+        let Some(r) = recs.iter_mut().find(|r| r.id == id) else { return Ok(None) };
+        if r.seq.is_none() {
+            r.seq = Some(allocate());
             let r = r.clone();
             self.put(&r)?;
         }
-        Ok(())
+        Ok(Some(r.clone()))
     }
 
     /// Forgets the transaction id of a record that ran on the server
@@ -515,7 +526,7 @@ mod tests {
         c.append(CmlOp::Remove { dir: Fid::ROOT, name: "old".into(), fid: l, base: None }, None).unwrap();
         let r = c.records();
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].op, CmlOp::Remove { dir: Fid::ROOT, name: "old".into(), fid: Fid(9), base: None });
+        assert_eq!(r[0].op, CmlOp::Remove { dir: Fid::ROOT, name: "old".into(), fid: Fid(9), base: Some(vv(1)) });
     }
 
     #[test]

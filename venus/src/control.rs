@@ -193,7 +193,7 @@ async fn handle(venus: &Venus, req: &Value) -> Value {
 
 async fn status(venus: &Venus) -> Value {
     let all = venus.cache.all();
-    let dirty = all.iter().filter(|(_, n)| n.dirty).count();
+    let dirty = all.iter().filter(|(_, n)| n.dirty && n.attr.kind == common::FileKind::File).count();
     let cached = all.iter().filter(|(_, n)| n.cached).count();
     let (state, cause, since) = venus.link.describe();
     let records = venus.cml.records();

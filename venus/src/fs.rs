@@ -301,7 +301,8 @@ impl Venus {
             if n.attr.kind != FileKind::Dir {
                 return Err(FsError::NotDir);
             }
-            Ok((n.current() || dir.is_local(), n.entries.clone()))
+            // A dirty listing holds logged changes the server lacks.
+            Ok((n.current() || dir.is_local() || n.dirty, n.entries.clone()))
         });
         match cached {
             Some(Err(e)) => return Err(e.into()),
@@ -558,6 +559,10 @@ impl Venus {
             return Err(FsError::IsDir.into());
         }
         self.cache.touch(fid);
+        // Under the stripe, the version read here is the one reintegration
+        // and stores leave behind (they rebase open files under it too).
+        let _g = self.rt.block_on(self.stripe(fid).lock());
+        let node = self.cache.get(fid).unwrap_or(node);
         let shared = {
             let mut opened = self.opened.lock().unwrap();
             match opened.get_mut(&fid) {
@@ -698,6 +703,19 @@ impl Venus {
                 self.link.lost(format!("a store failed: {e}"));
                 self.log_store(fid, shared, now, base, Some(seq))
             }
+            Err(RpcError::Fs(FsError::Conflict(server))) if self.own_store_ran(&base, &server, now) => {
+                // An earlier attempt of this very store ran and its reply was
+                // lost with a crash. Not a conflict with ourselves.
+                *shared.base.lock().unwrap() = server.version.clone();
+                *shared.synced.lock().unwrap() = now;
+                self.cache.update(fid, |n| {
+                    n.attr = *server;
+                    n.cached = true;
+                    n.dirty = false;
+                    n.clean = Some(now);
+                });
+                Ok(())
+            }
             Err(RpcError::Fs(FsError::Conflict(server))) => {
                 let path = self.cache.path_of(fid);
                 self.conflict_from_store(
@@ -711,6 +729,16 @@ impl Venus {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether the server's version is what this client's store of `now`
+    /// on `base` made: exactly one step of ours past the base, with the
+    /// size and mtime (a store carries the container's) of this content.
+    /// Size and mtime alone could match another client's write.
+    pub(crate) fn own_store_ran(&self, base: &VersionVector, server: &Attr, now: ContainerStamp) -> bool {
+        let mut ours = base.clone();
+        ours.increment(self.client.id());
+        server.version == ours && server.size == now.size && server.mtime == now.mtime
     }
 
     /// Puts a store in the log; the container (fsynced) holds its content.
@@ -1009,11 +1037,14 @@ impl Venus {
     /// cache (its container once no handle is open) and so do its unsent
     /// logged changes: nobody can reach that content any more.
     pub(crate) fn forget_object(&self, fid: Fid) -> Result<()> {
-        let nlink = self.cache.get(fid).map(|n| n.attr.nlink).unwrap_or(1);
-        if nlink <= 1 && !fid.is_local() {
+        // A directory's link count counts its subdirectories, not names.
+        let (nlink, is_dir) =
+            self.cache.view(fid, |n| (n.attr.nlink, n.attr.kind == FileKind::Dir)).unwrap_or((1, false));
+        let last_name = nlink <= 1 || is_dir;
+        if last_name && !fid.is_local() {
             self.cml.drop_unsent_changes(fid)?;
         }
-        if nlink > 1 || self.is_open(fid) {
+        if !last_name || self.is_open(fid) {
             self.cache.update(fid, |n| {
                 n.valid = false;
                 n.attr.nlink = n.attr.nlink.saturating_sub(1);
@@ -1298,7 +1329,12 @@ impl Venus {
             // Decided under the lock: a close-time store or reintegration
             // may have stored it (and moved its version on) meanwhile.
             let Some(n) = self.cache.get(fid) else { continue };
-            if !n.dirty || self.is_open(fid) || fid.is_local() || self.cml.any(|r| r.op.subject() == fid) {
+            if !n.dirty
+                || n.attr.kind != FileKind::File
+                || self.is_open(fid)
+                || fid.is_local()
+                || self.cml.any(|r| r.op.subject() == fid)
+            {
                 continue;
             }
             let file = match std::fs::OpenOptions::new().read(true).write(true).open(self.cache.container_path(fid)) {

@@ -18,6 +18,8 @@ pub struct FuseAdapter {
     pub venus: Arc<Venus>,
     /// The kernel accepted FUSE passthrough.
     pub passthrough: Arc<AtomicBool>,
+    /// Told once the kernel's INIT is answered: the mount is usable.
+    pub initialised: std::sync::mpsc::SyncSender<()>,
 }
 
 fn fid(ino: INodeNo) -> Fid {
@@ -91,6 +93,7 @@ impl Filesystem for FuseAdapter {
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         tracing::info!(passthrough = ok, "FUSE session initialised");
+        let _ = self.initialised.try_send(());
         Ok(())
     }
 

@@ -52,6 +52,12 @@ fn saved_stamp(cache: &Cache) -> Option<VolumeStamp> {
 
 pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Caught from the start: a signal between mounting and a late handler
+    // would kill venus with the default action and leave a dead mount.
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
     let key = Key::load(&opts.key)?;
     let cache = Cache::open(&opts.cache, opts.cache_size)
         .with_context(|| format!("opening the cache in {}", opts.cache.display()))?;
@@ -170,25 +176,29 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let adapter = FuseAdapter { venus: venus.clone(), passthrough: Arc::new(AtomicBool::new(false)) };
+    let (initialised, init_rx) = std::sync::mpsc::sync_channel(1);
+    let adapter = FuseAdapter { venus: venus.clone(), passthrough: Arc::new(AtomicBool::new(false)), initialised };
     let session = fuser::Session::new(adapter, &opts.mountpoint, &config)
         .with_context(|| format!("mounting on {}", opts.mountpoint.display()))?;
     let _ = venus.notifier.set(session.notifier());
     let bg = session.spawn()?;
-    tracing::info!(mountpoint = %opts.mountpoint.display(), server = %opts.server, "mounted");
-    println!("venus mounted {}", opts.mountpoint.display());
 
     // Until a signal, or until someone unmounts us.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<&'static str>();
     let tx = done_tx.clone();
     rt.spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
         tokio::select! {
             _ = term.recv() => { let _ = tx.send("SIGTERM"); }
-            _ = tokio::signal::ctrl_c() => { let _ = tx.send("SIGINT"); }
+            _ = int.recv() => { let _ = tx.send("SIGINT"); }
         }
     });
+    // "Mounted" only once the kernel finished its handshake: a program
+    // started on that word finds a working mount.
+    if init_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        tracing::warn!("the kernel has not initialised the FUSE session after 10 s");
+    }
+    tracing::info!(mountpoint = %opts.mountpoint.display(), server = %opts.server, "mounted");
+    println!("venus mounted {}", opts.mountpoint.display());
     let mp = opts.mountpoint.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(200));

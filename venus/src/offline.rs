@@ -51,6 +51,15 @@ impl Venus {
         n
     }
 
+    /// Applies a logged change to a cached listing. The directory is dirty
+    /// until the change reaches the server: its listing is the only record
+    /// of the change in the namespace, so it is neither refetched nor
+    /// dropped by news from the server nor evicted meanwhile.
+    fn offline_dir_change(&self, dir: Fid, add: Option<(&str, Fid, FileKind)>, remove: Option<&str>) {
+        self.after_dir_change(dir, None, add, remove);
+        self.cache.update(dir, |n| n.dirty = true);
+    }
+
     /// The entry `name` in `dir`, from the cached listing.
     fn offline_entry(&self, dir: Fid, name: &str) -> Result<Option<(Fid, FileKind)>> {
         let entries = self.listing(dir)?;
@@ -78,7 +87,7 @@ impl Venus {
         node.clean = Some(ContainerStamp::of(&f.metadata()?));
         self.cache.insert(fid, node);
         self.cache.set_size(fid, 0);
-        self.after_dir_change(dir, None, Some((name, fid, FileKind::File)), None);
+        self.offline_dir_change(dir, Some((name, fid, FileKind::File)), None);
         self.log(CmlOp::Create { dir, name: name.to_string(), fid, mode }, seq)?;
         Ok(fid)
     }
@@ -92,7 +101,7 @@ impl Venus {
         node.entries = Some(BTreeMap::new());
         let attr = node.attr.clone();
         self.cache.insert(fid, node);
-        self.after_dir_change(dir, None, Some((name, fid, FileKind::Dir)), None);
+        self.offline_dir_change(dir, Some((name, fid, FileKind::Dir)), None);
         self.log(CmlOp::Mkdir { dir, name: name.to_string(), fid, mode }, seq)?;
         Ok(attr)
     }
@@ -106,7 +115,7 @@ impl Venus {
         node.target = Some(target.to_string());
         let attr = node.attr.clone();
         self.cache.insert(fid, node);
-        self.after_dir_change(dir, None, Some((name, fid, FileKind::Symlink)), None);
+        self.offline_dir_change(dir, Some((name, fid, FileKind::Symlink)), None);
         self.log(CmlOp::Symlink { dir, name: name.to_string(), fid, target: target.to_string() }, seq)?;
         Ok(attr)
     }
@@ -120,7 +129,7 @@ impl Venus {
             return Err(FsError::NotPermitted.into());
         }
         self.cache.update(fid, |n| n.attr.nlink += 1);
-        self.after_dir_change(dir, None, Some((name, fid, kind)), None);
+        self.offline_dir_change(dir, Some((name, fid, kind)), None);
         self.log(CmlOp::Link { fid, dir, name: name.to_string() }, seq)?;
         self.cache.view(fid, |n| n.attr.clone()).ok_or_else(|| errno(libc::EIO, "node vanished"))
     }
@@ -146,7 +155,7 @@ impl Venus {
             Some((1, version)) if !fid.is_local() => Some(version),
             _ => None,
         };
-        self.after_dir_change(dir, None, None, Some(name));
+        self.offline_dir_change(dir, None, Some(name));
         self.forget_object(fid)?;
         let op = if is_dir {
             CmlOp::Rmdir { dir, name: name.to_string(), fid }
@@ -188,8 +197,8 @@ impl Venus {
         if kind == FileKind::Dir && self.cache.is_within(to_dir, fid) {
             return Err(errno(libc::EINVAL, "cannot move a directory into itself"));
         }
-        self.after_dir_change(dir, None, None, Some(name));
-        self.after_dir_change(to_dir, None, Some((to_name, fid, kind)), None);
+        self.offline_dir_change(dir, None, Some(name));
+        self.offline_dir_change(to_dir, Some((to_name, fid, kind)), None);
         self.cache.update(fid, |n| n.parent = Some((to_dir, to_name.to_string())));
         let replaced = target.map(|(t, _)| t);
         let replaced_base =
@@ -245,7 +254,14 @@ impl Venus {
             }
             a.ctime = Timestamp::now();
         });
-        let base = if fid.is_local() { Some(VersionVector::new()) } else { Some(version) };
+        // A directory's version moves with every entry made or removed in
+        // it (by this client's own log too): its attributes are not content
+        // to protect, so they are set without a version check.
+        let base = match (kind, fid.is_local()) {
+            (FileKind::Dir, _) => None,
+            (_, true) => Some(VersionVector::new()),
+            (_, false) => Some(version),
+        };
         self.log(CmlOp::SetAttr { fid, set: set.clone(), base }, seq)
     }
 }

@@ -87,6 +87,11 @@ impl Venus {
                     }
                     _ => {}
                 }
+                if !self.cml.contains(rec.id) {
+                    // Dropped with a directory whose creation failed (its
+                    // content is kept in that conflict).
+                    continue;
+                }
                 if rec.op.fids().iter().any(|f| failed_locals.contains(f)) {
                     // Its object's creation became a conflict, which kept its content.
                     self.finish(rec)?;
@@ -105,6 +110,18 @@ impl Venus {
                 }
                 match result {
                     Ok(reply) => {
+                        // A store's result under the file's stripe: a
+                        // close-time store reads its base there before
+                        // logging, and must see either the old base (and be
+                        // rebased) or the new one. (Only stores and
+                        // setattrs: the others invalidate kernel entries,
+                        // which must never wait while a stripe is held.)
+                        let stripe = matches!(rec.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. })
+                            .then(|| self.stripe(self.resolve(rec.op.subject())));
+                        let _g = match stripe {
+                            Some(s) => Some(s.lock().await),
+                            None => None,
+                        };
                         self.applied(rec, reply)?;
                         summary.applied += 1;
                         self.finish(rec)?;
@@ -130,7 +147,9 @@ impl Venus {
                     }
                 }
             }
-            if kept > 0 {
+            // Records resent because of others (a merged directory, data
+            // staged again) are normal; only batches that get nowhere count.
+            if kept > 0 && kept == batch.sent.len() {
                 retries += 1;
                 if retries > 5 {
                     return Err(crate::errors::errno(libc::EIO, "reintegration keeps failing on the same records"));
@@ -144,12 +163,30 @@ impl Venus {
                 tracing::info!(done = total.saturating_sub(left), total, "reintegration progress");
             }
         }
+        // Directories changed offline (even by changes the log cancelled
+        // out) are listed afresh too.
+        touched_dirs.extend(
+            self.cache
+                .all()
+                .into_iter()
+                .filter(|(_, n)| n.dirty && n.attr.kind == common::FileKind::Dir)
+                .map(|(f, _)| f),
+        );
         if !touched_dirs.is_empty() {
-            let dirs: Vec<Fid> = touched_dirs.into_iter().map(|d| self.resolve(d)).collect();
+            // A directory named by a change logged meanwhile keeps its
+            // listing: it holds that change, which the server has not seen
+            // yet (the next pass lists it afresh).
+            let dirs: Vec<Fid> = touched_dirs
+                .into_iter()
+                .map(|d| self.resolve(d))
+                .filter(|d| !d.is_local())
+                .filter(|d| !self.cml.any(|r| r.op.fids().iter().any(|f| self.resolve(*f) == *d)))
+                .collect();
             for d in &dirs {
                 self.cache.update(*d, |n| {
                     n.valid = false;
                     n.entries = None;
+                    n.dirty = false;
                 });
             }
             // Kernel invalidations may wait on inode locks held by requests
@@ -175,6 +212,10 @@ impl Venus {
             if bytes >= BATCH_BYTES || batch.stages.len() >= BATCH_STAGED {
                 break;
             }
+            // Claimed before its request is built (which may wait): a change
+            // logged meanwhile becomes a new record instead of rewriting this one.
+            let Some(rec) = self.cml.claim(rec.id, || self.client.allocate_sequence())? else { continue };
+            let seq = rec.seq.expect("claimed records have a transaction id");
             if let CmlOp::Rename { replaced: Some(r), replaced_base: Some(_), .. } = &rec.op {
                 if subjects.contains(&self.resolve(*r)) {
                     break;
@@ -196,18 +237,10 @@ impl Venus {
             if let Request::Store(StoreReq { data: StoreData::Staged(h), .. }) = &req {
                 batch.stages.push(*h);
             }
-            let seq = match rec.seq {
-                Some(s) => s,
-                None => {
-                    let s = self.client.allocate_sequence();
-                    self.cml.assign_seq(rec.id, s)?;
-                    s
-                }
-            };
             bytes += payload;
             subjects.insert(self.resolve(rec.op.subject()));
             batch.requests.push(ReintegrateRecord { seq, creates, req });
-            batch.sent.push(Record { seq: Some(seq), ..rec });
+            batch.sent.push(rec);
         }
         Ok(batch)
     }
@@ -304,6 +337,9 @@ impl Venus {
         match (&rec.op, reply) {
             (CmlOp::Store { fid, base, .. }, Reply::Store(e)) => {
                 let fid = self.resolve(*fid);
+                // Open handles may be based on the version the node had (a
+                // file created offline has its create's version by now).
+                let node_version = self.cache.view(fid, |n| n.attr.version.clone());
                 // Dirty only while later content of it is logged.
                 let still_logged =
                     self.cml.any(|r| r.id != rec.id && r.op.subject() == fid && matches!(r.op, CmlOp::Store { .. }));
@@ -321,6 +357,9 @@ impl Venus {
                     n.clean = if still_logged { None } else { stamp };
                 });
                 self.rebase(fid, base, &version);
+                if let Some(v) = node_version.filter(|v| v != base) {
+                    self.rebase(fid, &v, &version);
+                }
             }
             (CmlOp::Create { dir, name, fid: local, .. }, Reply::Create(e))
             | (CmlOp::Mkdir { dir, name, fid: local, .. }, Reply::Mkdir(e))
@@ -343,10 +382,22 @@ impl Venus {
                 let fid = self.resolve(*fid);
                 self.cache.update(fid, |n| n.attr.ctime = r.moved.ctime);
             }
-            (CmlOp::SetAttr { fid, base, .. }, Reply::SetAttr(e)) => {
+            (CmlOp::SetAttr { fid, base, set }, Reply::SetAttr(e)) => {
                 let fid = self.resolve(*fid);
                 let version = e.attr.version.clone();
+                // A truncation made the file dirty; once the server has it,
+                // the container is in step again unless a store is logged.
+                let content_logged =
+                    self.cml.any(|r| r.id != rec.id && r.op.subject() == fid && matches!(r.op, CmlOp::Store { .. }));
+                let container = std::fs::metadata(self.cache.container_path(fid)).ok();
                 self.cache.update(fid, |n| {
+                    let in_step = set.size.is_some()
+                        && !content_logged
+                        && container.as_ref().is_some_and(|m| m.len() == e.attr.size);
+                    if in_step {
+                        n.dirty = false;
+                        n.clean = container.as_ref().map(ContainerStamp::of);
+                    }
                     if !n.dirty {
                         n.attr = e.attr.clone();
                     } else {
@@ -445,6 +496,21 @@ impl Venus {
             }
         };
         match (&rec.op, err) {
+            (CmlOp::Store { fid, base, .. }, FsError::Conflict(a))
+                if self.holds_content_of(self.resolve(*fid), base, &a) =>
+            {
+                // An earlier attempt ran before a crash lost its reply: the
+                // server has exactly this content.
+                let fid = self.resolve(*fid);
+                let version = a.version.clone();
+                self.cache.update(fid, |n| {
+                    n.attr = *a;
+                    n.dirty = false;
+                    n.clean = std::fs::metadata(self.cache.container_path(fid)).ok().map(|m| ContainerStamp::of(&m));
+                });
+                self.rebase(fid, base, &version);
+                Ok(Refusal::Harmless)
+            }
             (CmlOp::Store { fid, .. }, e) => {
                 let fid = self.resolve(*fid);
                 let path = self.cache.path_of(fid);
@@ -455,6 +521,14 @@ impl Venus {
                     _ => (ConflictKind::Refused, None),
                 };
                 self.record_conflict(kind, &path, server, container.as_ref(), None, detail)?;
+                // Later logged changes of the file are in the kept copy (the
+                // container is one): they would only conflict again.
+                for later in self.cml.records() {
+                    let changes_it = matches!(later.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. });
+                    if later.id != rec.id && changes_it && self.resolve(later.op.subject()) == fid {
+                        self.finish(&later)?;
+                    }
+                }
                 // The namespace now shows the server's side.
                 if let Some((p, _)) = self.cache.view(fid, |n| n.parent.clone()).flatten() {
                     dirs.insert(p);
@@ -578,6 +652,13 @@ impl Venus {
         dirs.insert(local);
         self.cache.remove(local);
         Ok(())
+    }
+
+    /// Whether the server's version is this client's own store of the
+    /// container's content on `base` (see `own_store_ran`).
+    fn holds_content_of(&self, fid: Fid, base: &VersionVector, server: &Attr) -> bool {
+        std::fs::metadata(self.cache.container_path(fid))
+            .is_ok_and(|m| self.own_store_ran(base, server, ContainerStamp::of(&m)))
     }
 
     async fn server_attr(&self, dir: Fid, name: &str) -> Option<Attr> {

@@ -57,12 +57,39 @@ impl Venus {
     /// Walks a volume path on the server: the parent directory's fid and the
     /// object at the path, if any.
     async fn server_path(&self, vpath: &str) -> Result<(Fid, String, Option<Attr>)> {
+        self.walk_server_path(vpath, false).await
+    }
+
+    /// Like `server_path`, making missing directories on the way if
+    /// `make_dirs`; a file where a directory should be is an error that says so.
+    async fn walk_server_path(&self, vpath: &str, make_dirs: bool) -> Result<(Fid, String, Option<Attr>)> {
         let mut names: Vec<&str> = vpath.split('/').filter(|s| !s.is_empty()).collect();
         let last = names.pop().ok_or_else(|| errno(libc::EINVAL, "the root cannot be in conflict"))?.to_string();
         let mut dir = Fid::ROOT;
+        let mut walked = String::new();
         for n in names {
-            let e = self.remote(self.client.lookup(LookupReq { dir, name: n.to_string() })).await?;
-            dir = e.attr.fid;
+            walked.push('/');
+            walked.push_str(n);
+            let attr = match self.remote(self.client.lookup(LookupReq { dir, name: n.to_string() })).await {
+                Ok(e) => e.attr,
+                Err(e) if make_dirs && is_not_found(&e) => {
+                    tracing::info!(path = %walked, "making a directory the conflict's path needs");
+                    let made = self.remote(self.client.mkdir(MkdirReq { dir, name: n.to_string(), mode: 0o755 })).await;
+                    match made {
+                        Ok(e) => e.attr,
+                        // Made meanwhile by someone else: use theirs.
+                        Err(_) => self.remote(self.client.lookup(LookupReq { dir, name: n.to_string() })).await?.attr,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            if attr.kind != FileKind::Dir {
+                return Err(errno(
+                    libc::ENOTDIR,
+                    format!("{walked} is not a directory on the server: use --keep server, or --use a copy elsewhere"),
+                ));
+            }
+            dir = attr.fid;
         }
         let obj = match self.remote(self.client.lookup(LookupReq { dir, name: last.clone() })).await {
             Ok(e) => Some(e.attr),
@@ -128,7 +155,16 @@ impl Venus {
         let c = self.conflict_at(path)?;
         let local = self.conflicts.local_copy(c.id);
         let has_local = local.exists();
-        let (dir, name, server) = self.server_path(&c.path).await?;
+        if matches!(how, Resolution::Server) && self.server_path(&c.path).await.is_err() {
+            // Not even the directory is there any more: keeping the
+            // server's side means keeping nothing.
+            self.conflicts.remove(c.id)?;
+            tracing::info!(path = %c.path, "conflict resolved: kept the server's side (the path is gone there)");
+            return Ok("kept the server's side (the path no longer exists there)".into());
+        }
+        // Keeping local content where its directory was removed on the
+        // server recreates the directories.
+        let (dir, name, server) = self.walk_server_path(&c.path, true).await?;
         let outcome = match how {
             Resolution::Server => "kept the server's version".to_string(),
             Resolution::Use(file) => {

@@ -30,7 +30,13 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
     let mut reply = client.fetch(FetchReq { fid, inline_max: CHUNK_SIZE as u32 }).await?;
     let size = reply.attr.size;
     let first = std::mem::take(&mut reply.data);
-    dest.set_len(0).map_err(io_err)?;
+    // Only a file with old content is truncated: on ext4 a truncation to
+    // zero marks the file for a flush on close (for programs that rewrite
+    // files in place), which for a fresh 1 GiB container means a
+    // synchronous writeback of all of it when it is closed.
+    if dest.metadata().map_err(io_err)?.len() > 0 {
+        dest.set_len(0).map_err(io_err)?;
+    }
     dest.write_all_at(&first, 0).map_err(io_err)?;
     if let Some(handle) = reply.handle {
         let result = fetch_rest(client, handle, first.len() as u64, size, &dest).await;
