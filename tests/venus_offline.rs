@@ -1,6 +1,6 @@
 //! Disconnected operation, reintegration and conflicts, over real mounts.
 
-use crate::support::{eventually, snapshot, Afsd, TestDir, VenusMount};
+use crate::support::{assert_same_tree, eventually, snapshot, Afsd, TestDir, VenusMount};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -39,14 +39,6 @@ fn offline_edits(root: &Path) {
     fs::remove_file(root.join("proj/scratch")).unwrap();
 }
 
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (snapshot(a), snapshot(b));
-    if x != y {
-        let diff: Vec<_> = x.keys().chain(y.keys()).filter(|k| x.get(*k) != y.get(*k)).collect();
-        panic!("{what}: trees differ at {diff:?}");
-    }
-}
-
 #[test]
 fn offline_by_command_then_reconnect_matches_everywhere() {
     let dir = TestDir::new("offline-command");
@@ -54,7 +46,7 @@ fn offline_by_command_then_reconnect_matches_everywhere() {
     let a = VenusMount::start(dir.path(), "a", &afsd);
     let b = VenusMount::start(dir.path(), "b", &afsd);
     make_tree(&a.mountpoint);
-    assert_same(&a.mountpoint, &b.mountpoint, "before");
+    assert_same_tree(&a.mountpoint, &b.mountpoint, "before");
 
     a.ok(&["disconnect"]);
     let rpcs_before = crate::support::total_rpcs(&afsd.stats());
@@ -70,8 +62,8 @@ fn offline_by_command_then_reconnect_matches_everywhere() {
     assert_eq!(s["state"], "connected");
     assert_eq!(s["cml_records"], 0);
     assert_eq!(s["conflicts"], 0);
-    assert_same(&a.mountpoint, &afsd.export, "A vs server");
-    assert_same(&b.mountpoint, &afsd.export, "B vs server");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs server");
+    assert_same_tree(&b.mountpoint, &afsd.export, "B vs server");
 }
 
 #[test]
@@ -93,9 +85,9 @@ fn a_killed_server_is_noticed_and_reintegration_is_automatic() {
     afsd.restart();
     a.wait_state("connected", Duration::from_secs(30));
     assert!(eventually(Duration::from_secs(10), || a.status()["cml_records"] == 0));
-    assert_same(&a.mountpoint, &afsd.export, "A vs server after automatic reintegration");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs server after automatic reintegration");
     let b = VenusMount::start(dir.path(), "b", &afsd);
-    assert_same(&b.mountpoint, &afsd.export, "B vs server");
+    assert_same_tree(&b.mountpoint, &afsd.export, "B vs server");
 }
 
 /// afsd in its own network namespace, reached over a veth pair whose link
@@ -199,7 +191,7 @@ fn a_cut_network_link_is_survived() {
     ns.link(true);
     a.wait_state("connected", Duration::from_secs(30));
     assert!(eventually(Duration::from_secs(10), || a.status()["cml_records"] == 0));
-    assert_same(&a.mountpoint, &export, "A vs server after the link came back");
+    assert_same_tree(&a.mountpoint, &export, "A vs server after the link came back");
     let _ = server.kill();
     let _ = server.wait();
 }
@@ -222,7 +214,7 @@ fn venus_killed_while_offline_loses_nothing() {
     assert_eq!(s["cml_records"].as_u64().unwrap(), logged, "the log survived SIGKILL");
     a.ok(&["reconnect"]);
     assert!(snapshot(&afsd.export) == expected, "the server has every offline change");
-    assert_same(&a.mountpoint, &afsd.export, "A vs server");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs server");
 }
 
 #[test]

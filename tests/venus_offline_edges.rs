@@ -3,28 +3,12 @@
 //! open across reconnection, writes during reintegration, and conflicts
 //! whose directories are gone. Each reproduces a bug that was fixed.
 
-use crate::support::{bin, eventually, snapshot, Afsd, TestDir, VenusMount};
+use crate::support::{assert_same_tree, bin, eventually, snapshot, tree_diff, Afsd, TestDir, VenusMount};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
-
-fn diff_keys(a: &Path, b: &Path) -> Vec<String> {
-    let (x, y) = (snapshot(a), snapshot(b));
-    let mut d: Vec<String> = x.keys().chain(y.keys()).filter(|k| x.get(*k) != y.get(*k)).cloned().collect();
-    d.sort();
-    d.dedup();
-    for k in &d {
-        eprintln!("  {k}: {:?}  vs  {:?}", x.get(k), y.get(k));
-    }
-    d
-}
-
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    let d = diff_keys(a, b);
-    assert!(d.is_empty(), "{what}: trees differ at {d:?}");
-}
 
 fn reconnect(a: &VenusMount) -> serde_json::Value {
     let out = a.cli(&["reconnect"]);
@@ -102,7 +86,7 @@ fn attrs_offline() {
     let s = reconnect(&a);
     assert_eq!(s["conflicts"], 0, "{s}");
     assert_eq!(s["cml_records"], 0, "{s}");
-    let d = diff_keys(&a.mountpoint, &afsd.export);
+    let d = tree_diff(&a.mountpoint, &afsd.export);
     let server = snapshot(&afsd.export);
     let d2: Vec<_> = local.keys().filter(|k| local.get(*k) != server.get(*k)).collect();
     eprintln!("offline view vs server diff: {d2:?}");
@@ -133,10 +117,10 @@ fn links_in_offline_dirs() {
     fs::rename(a.path("d/s"), a.path("d/e/s3")).unwrap();
     let s = reconnect(&a);
     conflicts(&a);
-    let _ = diff_keys(&a.mountpoint, &afsd.export);
+    let _ = tree_diff(&a.mountpoint, &afsd.export);
     assert_eq!(s["conflicts"], 0);
     assert_eq!(s["cml_records"], 0);
-    assert_same(&a.mountpoint, &afsd.export, "A vs export");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs export");
     assert_eq!(fs::read_to_string(afsd.export.join("d/f")).unwrap(), "F2 through h");
     assert_eq!(fs::read_to_string(afsd.export.join("existing")).unwrap(), "E2 through hx");
     assert_eq!(
@@ -148,7 +132,7 @@ fn links_in_offline_dirs() {
         fs::metadata(afsd.export.join("d/e/hx")).unwrap().ino()
     );
     let b = VenusMount::start(dir.path(), "b", &afsd);
-    assert_same(&b.mountpoint, &afsd.export, "B vs export");
+    assert_same_tree(&b.mountpoint, &afsd.export, "B vs export");
 }
 
 #[test]
@@ -173,7 +157,7 @@ fn store_after_rename_into_offline_dir() {
         fs::read_to_string(afsd.export.join("d2/d/f")).unwrap(),
         "second, after the move + appended through an open handle"
     );
-    assert_same(&a.mountpoint, &afsd.export, "A vs export");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs export");
 }
 
 #[test]
@@ -198,7 +182,7 @@ fn kill_venus_after_rename_over() {
     assert_eq!(fs::read_to_string(afsd.export.join("doc")).unwrap(), "offline edit");
     assert_eq!(fs::read_to_string(afsd.export.join("seed-a")).unwrap(), "base2");
     assert!(!afsd.export.join(".doc.swp").exists() && !afsd.export.join("doc2").exists());
-    assert_same(&a.mountpoint, &afsd.export, "A vs export");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A vs export");
 }
 
 /// Minimal: an existing file gets a second name offline, then is written.
@@ -260,7 +244,7 @@ fn rmdir_tree_while_server_added() {
     assert_eq!(fs::read_to_string(afsd.export.join("t/sub/added-by-b")).unwrap(), "B");
     assert!(!afsd.export.join("t/x").exists());
     assert!(!afsd.export.join("t/sub/y").exists());
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
     assert!(s["conflicts"].as_u64().unwrap() >= 1, "the removal of t/sub and t is reported");
 }
 
@@ -299,8 +283,8 @@ fn rename_dir_offline_server_changed_child() {
     ] {
         assert_eq!(fs::read_to_string(afsd.export.join(p)).ok().as_deref(), Some(c), "{p}");
     }
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&b.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&b.mountpoint, &afsd.export).is_empty()));
 }
 
 /// Same, but B edits the very child A edited: one conflict, only for it.
@@ -328,12 +312,22 @@ fn rename_dir_offline_server_changed_same_child() {
     assert_eq!(fs::read_to_string(local).unwrap(), "x1 by A");
     a.ok(&["conflicts", "resolve", a.path("e/x").to_str().unwrap(), "--keep", "local"]);
     assert_eq!(fs::read_to_string(afsd.export.join("e/x")).unwrap(), "x1 by A");
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// Offline changes inside a directory another client renamed meanwhile.
 #[test]
 fn offline_changes_while_parent_renamed_on_server() {
+    parent_renamed_on_server(false);
+}
+
+/// The same, with a chmod of a subdirectory among the offline changes.
+#[test]
+fn offline_changes_and_chmod_while_parent_renamed_on_server() {
+    parent_renamed_on_server(true);
+}
+
+fn parent_renamed_on_server(chmod: bool) {
     let dir = TestDir::new("rv-parent-renamed");
     let afsd = Afsd::start(dir.path());
     let a = seeded(&dir, &afsd, "a");
@@ -351,7 +345,9 @@ fn offline_changes_while_parent_renamed_on_server() {
     fs::write(a.path("p/newdir/n"), "n by A").unwrap();
     fs::rename(a.path("p/g"), a.path("p/q/g")).unwrap();
     fs::remove_file(a.path("p/q/h")).unwrap();
-    fs::set_permissions(a.path("p/q"), fs::Permissions::from_mode(0o700)).unwrap();
+    if chmod {
+        fs::set_permissions(a.path("p/q"), fs::Permissions::from_mode(0o700)).unwrap();
+    }
     fs::rename(b.path("p"), b.path("renamed")).unwrap();
     let s = reconnect(&a);
     conflicts(&a);
@@ -365,7 +361,7 @@ fn offline_changes_while_parent_renamed_on_server() {
     }
     assert!(!afsd.export.join("renamed/q/h").exists());
     assert!(!afsd.export.join("p").exists());
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// Minimal: a file created offline in an existing directory, then the
@@ -470,7 +466,7 @@ fn afsd_killed_mid_reintegration() {
             );
             assert!(!afsd.export.join(format!("keep/k{i}")).exists());
         }
-        assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+        assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
     }
 }
 
@@ -661,8 +657,8 @@ fn create_create_in_merged_dirs_resolve() {
     assert_eq!(rd(&format!("s/deep/{}", beside[0])).as_deref(), Some("both by B\n"));
     assert_eq!(rd("s/deep/use").as_deref(), Some("merged\n"));
     assert_eq!(b.status()["conflicts"], 0);
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&b.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&b.mountpoint, &afsd.export).is_empty()));
 }
 
 /// update/remove where the other client removed the file and its directory:
@@ -890,7 +886,7 @@ fn writes_during_reintegration() {
         let name = if j % 3 == 0 { format!("h{j}") } else { format!("g{j}") };
         assert_eq!(fs::read_to_string(afsd.export.join(&name)).ok(), Some(format!("g{j}")), "{name}");
     }
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// venus SIGKILLed mid-reintegration of a log of mixed operations.
@@ -931,15 +927,7 @@ fn venus_killed_mid_mixed_reintegration() {
         }
         let expected = snapshot(&a.mountpoint);
         let total = a.status()["cml_records"].as_u64().unwrap();
-        let (venus, cache) = (bin("venus"), a.cache.clone());
-        let rc = std::thread::spawn(move || {
-            let _ = std::process::Command::new(venus).args(["reconnect", "--cache"]).arg(cache).output();
-        });
-        assert!(eventually(Duration::from_secs(30), || a.status()["cml_records"].as_u64().unwrap() < total));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let left = a.status()["cml_records"].as_u64().unwrap();
-        a.kill();
-        let _ = rc.join();
+        let left = a.kill_during_reintegration(total, Duration::from_millis(delay_ms));
         eprintln!("round {round}: {total} records, killed with ~{left} left");
         a.restart();
         assert!(
@@ -958,7 +946,7 @@ fn venus_killed_mid_mixed_reintegration() {
         }
         assert!(d.is_empty(), "round {round}: server differs: {d:?}");
         assert_eq!(a.status()["conflicts"], 0, "round {round}");
-        assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+        assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
     }
 }
 
@@ -1048,7 +1036,7 @@ fn rename_dir_offline_server_removed_it() {
     eprintln!("kept: {kept:?}");
     assert!(kept.contains(&"x1 by A".to_string()), "A's edit of x lost");
     assert!(kept.contains(&"y new by A".to_string()), "A's new y lost");
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// A renames dir d->e offline; B creates e meanwhile. Rename collision of
@@ -1088,7 +1076,7 @@ fn dir_rename_collision_resolve() {
     assert!(r.status.success());
     eprintln!("server: {:?}", snapshot(&afsd.export).keys().collect::<Vec<_>>());
     assert!(afsd.export.join("e2/x").exists());
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
+    assert!(eventually(Duration::from_secs(5), || tree_diff(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// Directories created and removed offline leave nothing behind, not even
@@ -1141,41 +1129,6 @@ fn offline_dir_vs_server_file() {
         let r = resolve(&a, &p, &["--keep", "server"]);
         assert!(r.status.success(), "--keep server of {p} fails");
     }
-}
-
-#[test]
-fn offline_changes_while_parent_renamed_on_server_no_chmod() {
-    let dir = TestDir::new("rv-parent-renamed");
-    let afsd = Afsd::start(dir.path());
-    let a = seeded(&dir, &afsd, "a");
-    let b = seeded(&dir, &afsd, "b");
-    fs::create_dir_all(a.path("p/q")).unwrap();
-    fs::write(a.path("p/f"), "f0").unwrap();
-    fs::write(a.path("p/g"), "g0").unwrap();
-    fs::write(a.path("p/q/h"), "h0").unwrap();
-    let _ = snapshot(&a.mountpoint);
-    let _ = snapshot(&b.mountpoint);
-    a.ok(&["disconnect"]);
-    fs::write(a.path("p/f"), "f1 by A").unwrap();
-    fs::write(a.path("p/new"), "new by A").unwrap();
-    fs::create_dir(a.path("p/newdir")).unwrap();
-    fs::write(a.path("p/newdir/n"), "n by A").unwrap();
-    fs::rename(a.path("p/g"), a.path("p/q/g")).unwrap();
-    fs::remove_file(a.path("p/q/h")).unwrap();
-    fs::rename(b.path("p"), b.path("renamed")).unwrap();
-    let s = reconnect(&a);
-    conflicts(&a);
-    eprintln!("server: {:?}", snapshot(&afsd.export).keys().collect::<Vec<_>>());
-    assert_eq!(s["cml_records"], 0, "{s}");
-    assert_eq!(s["conflicts"], 0, "{s}");
-    for (p, c) in
-        [("renamed/f", "f1 by A"), ("renamed/new", "new by A"), ("renamed/newdir/n", "n by A"), ("renamed/q/g", "g0")]
-    {
-        assert_eq!(fs::read_to_string(afsd.export.join(p)).ok().as_deref(), Some(c), "{p}");
-    }
-    assert!(!afsd.export.join("renamed/q/h").exists());
-    assert!(!afsd.export.join("p").exists());
-    assert!(eventually(Duration::from_secs(5), || diff_keys(&a.mountpoint, &afsd.export).is_empty()));
 }
 
 /// Connected: a file created, afsd SIGKILLed right away and restarted, then

@@ -3,19 +3,11 @@
 //! Each test ends with the server, the mount that was offline and a second
 //! mount agreeing.
 
-use crate::support::{bin, eventually, snapshot, Afsd, TestDir, VenusMount};
+use crate::support::{assert_same_tree, eventually, snapshot, Afsd, TestDir, VenusMount};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
-
-fn assert_same(a: &Path, b: &Path, what: &str) {
-    let (x, y) = (snapshot(a), snapshot(b));
-    if x != y {
-        let diff: Vec<_> = x.keys().chain(y.keys()).filter(|k| x.get(*k) != y.get(*k)).collect();
-        panic!("{what}: trees differ at {diff:?}");
-    }
-}
 
 /// Reconnects `a` and checks the log emptied with `conflicts` conflicts.
 fn reconnect(a: &VenusMount, conflicts: u64) {
@@ -56,8 +48,8 @@ fn a_file_edited_then_removed_offline_leaves_no_trace() {
     assert!(!afsd.export.join("open-doomed").exists());
     assert_eq!(fs::read_to_string(afsd.export.join("kept")).unwrap(), "k2, written offline");
     let b = VenusMount::start(dir.path(), "b", &afsd);
-    assert_same(&a.mountpoint, &b.mountpoint, "A and B");
-    assert_same(&a.mountpoint, &afsd.export, "A and the export");
+    assert_same_tree(&a.mountpoint, &b.mountpoint, "A and B");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A and the export");
 }
 
 #[test]
@@ -83,8 +75,8 @@ fn renames_replay_in_their_order() {
     assert_eq!(fs::read_to_string(afsd.export.join("d/b")).unwrap(), "A");
     assert!(!afsd.export.join("a").exists() && !afsd.export.join("b").exists());
     let b = VenusMount::start(dir.path(), "b", &afsd);
-    assert_same(&a.mountpoint, &b.mountpoint, "A and B");
-    assert_same(&a.mountpoint, &afsd.export, "A and the export");
+    assert_same_tree(&a.mountpoint, &b.mountpoint, "A and B");
+    assert_same_tree(&a.mountpoint, &afsd.export, "A and the export");
 }
 
 /// An editor's save offline (write a temporary, rename it over the file)
@@ -111,7 +103,7 @@ fn a_rename_over_a_file_changed_on_the_server_is_a_conflict() {
     assert_eq!(fs::read_to_string(afsd.export.join("doc")).unwrap(), "A's offline edit");
     assert!(eventually(Duration::from_secs(5), || fs::read_to_string(b.path("doc")).ok().as_deref()
         == Some("A's offline edit")));
-    assert_same(&a.mountpoint, &b.mountpoint, "A and B");
+    assert_same_tree(&a.mountpoint, &b.mountpoint, "A and B");
 
     // Without a change on the server the same save simply goes through.
     a.ok(&["disconnect"]);
@@ -145,7 +137,7 @@ fn directories_made_on_both_sides_merge_with_their_contents() {
         assert_eq!(fs::read_to_string(afsd.export.join(format!("shared/deeper/from-{who}"))).unwrap(), who);
     }
     assert!(eventually(Duration::from_secs(5), || snapshot(&a.mountpoint) == snapshot(&b.mountpoint)));
-    assert_same(&b.mountpoint, &afsd.export, "B and the export");
+    assert_same_tree(&b.mountpoint, &afsd.export, "B and the export");
 }
 
 /// A file with two names, edited offline through one and then losing the
@@ -208,15 +200,7 @@ fn venus_killed_mid_reintegration_loses_nothing() {
         }
         let total = a.status()["cml_records"].as_u64().unwrap();
         assert_eq!(total, 2 * n as u64, "a create and a store per file");
-        let (venus, cache) = (bin("venus"), a.cache.clone());
-        let reconnect = std::thread::spawn(move || {
-            let _ = std::process::Command::new(venus).args(["reconnect", "--cache"]).arg(cache).output();
-        });
-        // Kill once the first replies are being applied (plus a delay).
-        assert!(eventually(Duration::from_secs(30), || a.status()["cml_records"].as_u64().unwrap() < total));
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        a.kill();
-        let _ = reconnect.join();
+        a.kill_during_reintegration(total, Duration::from_millis(delay_ms));
         a.restart();
         assert!(
             eventually(Duration::from_secs(60), || {
@@ -232,6 +216,6 @@ fn venus_killed_mid_reintegration_loses_nothing() {
             assert_eq!(got.ok(), Some(format!("content of file {i}\n")), "round {round}: f{i}");
         }
         let b = VenusMount::start(dir.path(), "b", &afsd);
-        assert_same(&a.mountpoint, &b.mountpoint, "A and B");
+        assert_same_tree(&a.mountpoint, &b.mountpoint, "A and B");
     }
 }

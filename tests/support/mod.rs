@@ -389,7 +389,42 @@ pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, Entry> {
     out
 }
 
+/// The paths whose entries differ between two trees, sorted; each
+/// difference is printed (the test harness shows it if the test fails).
+pub fn tree_diff(a: &Path, b: &Path) -> Vec<String> {
+    let (x, y) = (snapshot(a), snapshot(b));
+    let mut d: Vec<String> = x.keys().chain(y.keys()).filter(|k| x.get(*k) != y.get(*k)).cloned().collect();
+    d.sort();
+    d.dedup();
+    for k in &d {
+        eprintln!("  {k}: {:?}  vs  {:?}", x.get(k), y.get(k));
+    }
+    d
+}
+
+/// Panics, naming the differing paths, unless the two trees are the same.
+pub fn assert_same_tree(a: &Path, b: &Path, what: &str) {
+    let d = tree_diff(a, b);
+    assert!(d.is_empty(), "{what}: trees differ at {d:?}");
+}
+
 impl VenusMount {
+    /// Starts `venus reconnect` in the background and SIGKILLs venus once
+    /// the first replies are being applied (the log shrank below `total`
+    /// records), `delay` later. Returns the records left just before.
+    pub fn kill_during_reintegration(&mut self, total: u64, delay: Duration) -> u64 {
+        let (venus, cache) = (bin("venus"), self.cache.clone());
+        let reconnect = std::thread::spawn(move || {
+            let _ = Command::new(venus).args(["reconnect", "--cache"]).arg(cache).output();
+        });
+        assert!(eventually(Duration::from_secs(30), || self.status()["cml_records"].as_u64().unwrap() < total));
+        std::thread::sleep(delay);
+        let left = self.status()["cml_records"].as_u64().unwrap();
+        self.kill();
+        let _ = reconnect.join();
+        left
+    }
+
     /// Waits until `venus status` reports `state`; panics after `limit`.
     pub fn wait_state(&self, state: &str, limit: Duration) -> serde_json::Value {
         let deadline = Instant::now() + limit;
