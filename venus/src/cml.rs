@@ -393,15 +393,7 @@ impl Cml {
 
     /// Rewrites fids in every record (a local fid got its server fid).
     pub fn remap(&self, from: Fid, to: Fid) -> Result<()> {
-        let mut recs = self.records.lock().unwrap();
-        for r in recs.iter_mut() {
-            if r.op.fids().contains(&from) {
-                r.op.map_fids(&|f| if f == from { to } else { f });
-                let r = r.clone();
-                self.put(&r)?;
-            }
-        }
-        Ok(())
+        self.remap_all(&std::collections::HashMap::from([(from, to)]))
     }
 
     /// Rewrites every local fid that has a server fid in `map`.

@@ -554,14 +554,17 @@ impl Venus {
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let truncate = write && flags & libc::O_TRUNC != 0;
-        let node = self.rt.block_on(self.ensure_content(fid, truncate))?;
+        // One trip into the runtime: the content, then the stripe. Under the
+        // stripe, the version read here is the one reintegration and stores
+        // leave behind (they rebase open files under it too).
+        let (node, _g) = self.rt.block_on(async {
+            let node = self.ensure_content(fid, truncate).await?;
+            Ok::<_, VenusError>((node, self.stripe(fid).lock().await))
+        })?;
         if node.attr.kind != FileKind::File {
             return Err(FsError::IsDir.into());
         }
         self.cache.touch(fid);
-        // Under the stripe, the version read here is the one reintegration
-        // and stores leave behind (they rebase open files under it too).
-        let _g = self.rt.block_on(self.stripe(fid).lock());
         let node = self.cache.get(fid).unwrap_or(node);
         let shared = {
             let mut opened = self.opened.lock().unwrap();
@@ -1324,7 +1327,10 @@ impl Venus {
     /// deferred by a crash of venus); logged ones go with reintegration.
     pub async fn store_dirty(&self) -> usize {
         let mut stored = 0;
-        for (fid, _) in self.cache.all() {
+        for (fid, n) in self.cache.all() {
+            if !n.dirty || n.attr.kind != FileKind::File {
+                continue;
+            }
             let _g = self.stripe(fid).lock().await;
             // Decided under the lock: a close-time store or reintegration
             // may have stored it (and moved its version on) meanwhile.

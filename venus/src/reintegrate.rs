@@ -116,11 +116,10 @@ impl Venus {
                         // rebased) or the new one. (Only stores and
                         // setattrs: the others invalidate kernel entries,
                         // which must never wait while a stripe is held.)
-                        let stripe = matches!(rec.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. })
-                            .then(|| self.stripe(self.resolve(rec.op.subject())));
-                        let _g = match stripe {
-                            Some(s) => Some(s.lock().await),
-                            None => None,
+                        let _g = if matches!(rec.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. }) {
+                            Some(self.stripe(self.resolve(rec.op.subject())).lock().await)
+                        } else {
+                            None
                         };
                         self.applied(rec, reply)?;
                         summary.applied += 1;

@@ -155,16 +155,21 @@ impl Venus {
         let c = self.conflict_at(path)?;
         let local = self.conflicts.local_copy(c.id);
         let has_local = local.exists();
-        if matches!(how, Resolution::Server) && self.server_path(&c.path).await.is_err() {
-            // Not even the directory is there any more: keeping the
-            // server's side means keeping nothing.
-            self.conflicts.remove(c.id)?;
-            tracing::info!(path = %c.path, "conflict resolved: kept the server's side (the path is gone there)");
-            return Ok("kept the server's side (the path no longer exists there)".into());
-        }
         // Keeping local content where its directory was removed on the
-        // server recreates the directories.
-        let (dir, name, server) = self.walk_server_path(&c.path, true).await?;
+        // server recreates the directories; keeping the server's side
+        // needs nothing made.
+        let keep_server = matches!(how, Resolution::Server);
+        let (dir, name, server) = match self.walk_server_path(&c.path, !keep_server).await {
+            Ok(found) => found,
+            Err(_) if keep_server => {
+                // Not even the directory is there any more: keeping the
+                // server's side means keeping nothing.
+                self.conflicts.remove(c.id)?;
+                tracing::info!(path = %c.path, "conflict resolved: kept the server's side (the path is gone there)");
+                return Ok("kept the server's side (the path no longer exists there)".into());
+            }
+            Err(e) => return Err(e),
+        };
         let outcome = match how {
             Resolution::Server => "kept the server's version".to_string(),
             Resolution::Use(file) => {
