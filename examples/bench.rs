@@ -186,8 +186,10 @@ fn main() {
     }
 
     // Warm read through the mount vs the container directly.
+    // Container files live in shards: containers/XX/FID.
     let container = std::fs::read_dir(cache.join("containers"))
         .unwrap()
+        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
         .map(|e| e.unwrap())
         .max_by_key(|e| e.metadata().unwrap().len())
         .unwrap()

@@ -182,13 +182,16 @@ pub fn warm_read(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()
     Ok(())
 }
 
+/// The largest file in venus's container shards (`containers/XX/FID`).
 fn largest_container(cache: &Path) -> Result<PathBuf> {
     let mut best: Option<(u64, PathBuf)> = None;
-    for e in std::fs::read_dir(cache.join("containers")).context("read the containers directory")? {
-        let e = e?;
-        let len = e.metadata()?.len();
-        if best.as_ref().is_none_or(|b| len > b.0) {
-            best = Some((len, e.path()));
+    for shard in std::fs::read_dir(cache.join("containers")).context("read the containers directory")? {
+        for e in std::fs::read_dir(shard?.path())? {
+            let e = e?;
+            let len = e.metadata()?.len();
+            if best.as_ref().is_none_or(|b| len > b.0) {
+                best = Some((len, e.path()));
+            }
         }
     }
     best.map(|b| b.1).context("no container file")

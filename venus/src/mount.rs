@@ -148,6 +148,14 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             }
         }
     });
+    // Large directory listings reach the index in batches (see cache.rs).
+    let v = venus.clone();
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(crate::cache::DEFERRED_EVERY).await;
+            v.cache.write_deferred();
+        }
+    });
     // Stores left dirty by a crash.
     let v = venus.clone();
     rt.spawn(async move {
