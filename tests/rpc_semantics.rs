@@ -81,6 +81,45 @@ async fn server_crash_before_reply_does_not_run_a_mutation_twice() {
     }
 }
 
+/// A store into an empty file is written in place from the committed
+/// intent. afsd dies after the commit (before writing a byte), or after
+/// writing (before replying): either way the retransmitted store gets the
+/// recorded reply, the export holds every byte, and the object's version is
+/// the one that reply named (no edit seen behind the server's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_crash_during_a_store_into_an_empty_file_keeps_every_byte() {
+    for failpoint in ["crash-after-commit:store", "crash-before-reply:store"] {
+        let dir = TestDir::new("crash-fill");
+        let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", failpoint)]);
+        let client = afsd.client().await;
+        let made = client.create(create("notes")).await.unwrap();
+        let fid = made.attr.fid;
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let (c, d, base) = (client.clone(), data.clone(), made.attr.version.clone());
+        let call = tokio::spawn(async move {
+            let req = StoreReq {
+                fid,
+                base,
+                size: d.len() as u64,
+                data: StoreData::Inline(d.into()),
+                mtime: None,
+                mode: Some(0o640),
+            };
+            c.store(req).await
+        });
+        assert!(afsd.wait_exit(Duration::from_secs(10)), "{failpoint}: afsd should abort at the failpoint");
+        afsd.set_env(&[]);
+        afsd.restart();
+        let reply = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+        let stored = reply.unwrap_or_else(|e| panic!("{failpoint}: the retried store must succeed, got {e}"));
+        assert_eq!(std::fs::read(afsd.export.join("notes")).unwrap(), data, "{failpoint}: every byte is there");
+        assert_eq!(stored.attr.size, data.len() as u64, "{failpoint}");
+        let now = client.getattr(GetAttrReq { fid }).await.unwrap();
+        assert_eq!(now.attr.version, stored.attr.version, "{failpoint}: no spurious new version");
+        assert_eq!(now.attr.mode & 0o777, 0o640, "{failpoint}: the mode was applied");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_key_wrong_version_and_no_key_are_refused() {
     let dir = TestDir::new("auth");

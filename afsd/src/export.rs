@@ -177,6 +177,11 @@ impl Export {
 }
 
 impl Dir {
+    /// The directory's descriptor as a `File`, to fsync it later.
+    pub fn into_file(self) -> File {
+        File::from(self.0)
+    }
+
     pub fn fstat(&self) -> Result<Stat, FsError> {
         fstat(self.0.as_raw_fd())
     }
@@ -227,6 +232,28 @@ impl Dir {
         }
         buf.truncate(n as usize);
         String::from_utf8(buf).map_err(|_| FsError::Invalid("symlink target is not UTF-8".into()))
+    }
+
+    /// A new file without a name in this directory (`O_TMPFILE`). Its inode
+    /// is allocated near the directory, where a file created here would be.
+    pub fn open_unnamed(&self, mode: u32) -> Result<File, FsError> {
+        // SAFETY: valid fd and C string; the result is owned by File.
+        let fd = check(unsafe {
+            libc::openat(self.0.as_raw_fd(), c".".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, mode)
+        })?;
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    /// Gives a file opened by [`Dir::open_unnamed`] (of the same filesystem)
+    /// the name `self/name`.
+    pub fn link_unnamed(&self, file: &File, name: &str) -> Result<(), FsError> {
+        let c = cstr(name)?;
+        // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc path does not.
+        let proc = cstr(&format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        check(unsafe {
+            libc::linkat(libc::AT_FDCWD, proc.as_ptr(), self.0.as_raw_fd(), c.as_ptr(), libc::AT_SYMLINK_FOLLOW)
+        })
+        .map(|_| ())
     }
 
     /// A hard link from `from_dir/from` to `self/name`; never follows symlinks.

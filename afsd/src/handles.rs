@@ -100,6 +100,14 @@ impl Handles {
         }
     }
 
+    /// Whether a fetch is still reading the inode `ino`: its content must
+    /// then change by rename, never in place.
+    pub fn reading(&self, ino: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let map = self.map.lock().unwrap();
+        map.values().any(|h| matches!(h.kind, Kind::Read) && h.file.metadata().map(|m| m.ino() == ino).unwrap_or(true))
+    }
+
     pub fn reap_idle(&self) {
         let expired: Vec<Handle> = {
             let mut map = self.map.lock().unwrap();

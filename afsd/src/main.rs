@@ -7,6 +7,7 @@ mod export;
 mod handles;
 mod ops;
 mod server;
+mod settle;
 mod stats;
 mod volume;
 mod watch;

@@ -34,6 +34,18 @@ struct NewName {
     exclusive: bool,
 }
 
+/// Largest content a store writes in place into an empty file (it travels
+/// in the database's log as part of the commit).
+const FILL_MAX: usize = 64 * 1024;
+
+/// A store's new content before it is committed.
+enum Content {
+    /// Small content still in memory: written in place, or staged under the lock.
+    Bytes(bytes::Bytes),
+    /// In a staging file (name, file).
+    Staged((String, std::fs::File)),
+}
+
 /// Refuses a mutation whose base version is no longer the object's version.
 fn check_base(vol: &Volume, fid: Fid, obj: &Object, st: &Stat, base: Option<&VersionVector>) -> Result<(), FsError> {
     match base {
@@ -67,6 +79,73 @@ impl Volume {
         let st = self.stat_of(fid)?;
         let obj = self.notice_external(fid, obj, &st, held).await?;
         Ok((obj, st))
+    }
+
+    /// A staging file holding `bytes`, placed near the object's directory.
+    fn stage_bytes(&self, fid: Fid, bytes: &[u8]) -> Result<(String, std::fs::File), FsError> {
+        // Placement only: the object may move before it is locked.
+        let near = self.object(fid).ok().and_then(|o| o.names.first().cloned());
+        let (name, mut f) = match near.and_then(|(parent, _)| self.open_dir(parent).ok()) {
+            Some((dir, _)) => self.new_staging_file_near(&dir)?,
+            None => self.new_staging_file()?,
+        };
+        if let Err(e) = tokio::task::block_in_place(|| f.write_all(bytes)) {
+            let _ = std::fs::remove_file(self.staging_path.join(&name));
+            return Err(e.into());
+        }
+        Ok((name, f))
+    }
+
+    /// A first look, without the lock, at whether a store of `len` bytes
+    /// can fill the file in place (see [`Volume::fillable`]).
+    fn may_fill(&self, fid: Fid, len: usize) -> bool {
+        len <= FILL_MAX
+            && self.object(fid).is_ok_and(|o| o.names.len() == 1)
+            && self.stat_of(fid).is_ok_and(|st| st.is_file() && st.size == 0 && st.nlink == 1)
+    }
+
+    /// Whether the object's file can take new content in place: it is empty
+    /// on disk, has one name and no fetch is reading it, so nobody can see
+    /// the old content torn by the write. The caller holds its stripe.
+    fn fillable(&self, obj: &Object, st: &Stat) -> bool {
+        obj.names.len() == 1 && st.is_file() && st.size == 0 && st.nlink == 1 && !self.handles.reading(st.ino)
+    }
+
+    /// Stores small content into an empty file by writing it in place: the
+    /// bytes travel in the committed intent, so once the commit is durable a
+    /// crash at any later point is repaired by writing them again. One
+    /// flush and one fsync of the file, where a staged store needs an fsync
+    /// of the staged file, the flush, a rename and an fsync of the directory.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill(
+        &self,
+        cx: &CallContext,
+        fid: Fid,
+        obj: Object,
+        st: Stat,
+        dir: Vec<String>,
+        name: String,
+        data: bytes::Bytes,
+        mode: u32,
+        mtime: Timestamp,
+    ) -> Result<EntryReply, FsError> {
+        let now = Timestamp::now();
+        let new_st = Stat { size: data.len() as u64, mtime, ctime: now, mode: (st.mode & !0o7777) | mode, ..st };
+        let mut new_obj = bumped(&obj, cx.client());
+        new_obj.seen = (&new_st).into();
+        let version_after = new_obj.version.clone();
+        let reply = EntryReply { attr: self.attr(fid, &new_obj, &new_st), promise: self.promise_for(cx, fid) };
+        let plan = Plan {
+            objects: vec![(fid, Some(new_obj))],
+            dirents: vec![],
+            intent: Some(Intent::Fill { fid, version: version_after, dir, name, data: data.to_vec(), mode, mtime }),
+            reseen: vec![fid],
+            breaks: vec![fid],
+        };
+        match self.execute(&cx.xid, OpKind::Store, plan, Reply::Store(reply)).await? {
+            Reply::Store(r) => Ok(r),
+            _ => unreachable!(),
+        }
     }
 
     /// Creates a file, directory or symlink: the shared body of create,
@@ -118,7 +197,14 @@ impl Volume {
         let plan = Plan {
             objects: vec![(fid, Some(obj)), (dir, Some(new_dir))],
             dirents: vec![(dir, name.clone(), Some(fid))],
-            intent: Some(Intent::Create { dir: dpath.names().to_vec(), name, mode: perm, mtime: now, what }),
+            intent: Some(Intent::Create {
+                dir: dpath.names().to_vec(),
+                name,
+                mode: perm,
+                mtime: now,
+                what,
+                fid: Some(fid),
+            }),
             reseen: vec![fid, dir],
             breaks: vec![dir],
         };
@@ -316,33 +402,41 @@ impl Service for Volume {
         if req.mtime.is_some_and(|t| !t.is_valid()) {
             return Err(FsError::Invalid("mtime out of range".into()));
         }
-        // Put the new content in a staging file first, outside all locks.
-        let (staging, file) = match req.data {
-            StoreData::Inline(bytes) => {
-                if bytes.len() as u64 != req.size {
-                    return Err(FsError::Invalid(format!("{} bytes sent for a size of {}", bytes.len(), req.size)));
-                }
-                let (name, mut f) = self.new_staging_file()?;
-                tokio::task::block_in_place(|| f.write_all(&bytes))?;
-                (name, f)
+        let content = match &req.data {
+            StoreData::Inline(bytes) if bytes.len() as u64 != req.size => {
+                return Err(FsError::Invalid(format!("{} bytes sent for a size of {}", bytes.len(), req.size)));
             }
+            StoreData::Inline(bytes) if self.may_fill(req.fid, bytes.len()) => {
+                // Likely written in place (decided under the lock); staged
+                // there only if that no longer holds.
+                Content::Bytes(bytes.clone())
+            }
+            StoreData::Inline(bytes) => Content::Staged(self.stage_bytes(req.fid, bytes)?),
             StoreData::Staged(h) => {
-                let handle = self.handles.take(cx.client(), h).ok_or(FsError::Stale)?;
+                let handle = self.handles.take(cx.client(), *h).ok_or(FsError::Stale)?;
                 let Kind::Stage(name) = &handle.kind else {
                     return Err(FsError::Invalid("not a stage handle".into()));
                 };
-                let name = name.clone();
-                let file = handle.file.try_clone()?;
-                (name, file)
+                Content::Staged((name.clone(), handle.file.try_clone()?))
             }
         };
-        let discard = |e: FsError| {
-            let _ = std::fs::remove_file(self.staging_path.join(&staging));
+        let staged_name = |c: &Content| match c {
+            Content::Staged((name, _)) => Some(name.clone()),
+            Content::Bytes(_) => None,
+        };
+        let mut staging = staged_name(&content);
+        let discard = |staging: &Option<String>, e: FsError| {
+            if let Some(name) = staging {
+                let _ = std::fs::remove_file(self.staging_path.join(name));
+            }
             e
         };
-        let len = file.metadata().map_err(|e| discard(e.into()))?.len();
-        if len != req.size {
-            return Err(discard(FsError::Invalid(format!("staged {len} bytes for a size of {}", req.size))));
+        if let Content::Staged((_, file)) = &content {
+            let len = file.metadata().map_err(|e| discard(&staging, e.into()))?.len();
+            if len != req.size {
+                let e = FsError::Invalid(format!("staged {len} bytes for a size of {}", req.size));
+                return Err(discard(&staging, e));
+            }
         }
         let _ns = self.ns_lock.read().await;
         let _g = self.lock(&[req.fid]).await;
@@ -356,12 +450,25 @@ impl Service for Volume {
             check_base(self, req.fid, &obj, &st, Some(&req.base))?;
             let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
             let (_, dpath) = self.open_dir(parent)?;
+            let mode = req.mode.unwrap_or(st.mode) & 0o7777;
+            let mtime = req.mtime.unwrap_or_else(Timestamp::now);
+            let file = match &content {
+                Content::Bytes(bytes) if self.fillable(&obj, &st) => {
+                    return self
+                        .fill(cx, req.fid, obj, st, dpath.names().to_vec(), name, bytes.clone(), mode, mtime)
+                        .await;
+                }
+                Content::Bytes(bytes) => {
+                    let (n, f) = self.stage_bytes(req.fid, bytes)?;
+                    staging = Some(n);
+                    f
+                }
+                Content::Staged((_, f)) => f.try_clone()?,
+            };
             let mut others = Vec::new();
             for (p, n) in obj.names.iter().skip(1) {
                 others.push((self.open_dir(*p)?.1.names().to_vec(), n.clone()));
             }
-            let mode = req.mode.unwrap_or(st.mode) & 0o7777;
-            let mtime = req.mtime.unwrap_or_else(Timestamp::now);
             let new_st = tokio::task::block_in_place(|| -> Result<Stat, FsError> {
                 file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
                 std::os::unix::fs::fchown(&file, Some(st.uid), Some(st.gid))?;
@@ -375,10 +482,11 @@ impl Service for Volume {
             let mut attr = self.attr(req.fid, &new_obj, &new_st);
             attr.nlink = st.nlink;
             let reply = EntryReply { attr, promise: self.promise_for(cx, req.fid) };
+            let staging = staging.clone().ok_or(FsError::Io("no staged content".into()))?;
             let plan = Plan {
                 objects: vec![(req.fid, Some(new_obj))],
                 dirents: vec![],
-                intent: Some(Intent::Install { staging: staging.clone(), dir: dpath.names().to_vec(), name, others }),
+                intent: Some(Intent::Install { staging, dir: dpath.names().to_vec(), name, others }),
                 reseen: [req.fid].into_iter().chain(obj.names.iter().map(|(p, _)| *p)).collect(),
                 breaks: vec![req.fid],
             };
@@ -388,7 +496,7 @@ impl Service for Volume {
             }
         }
         .await;
-        result.map_err(discard)
+        result.map_err(|e| discard(&staging, e))
     }
 
     async fn create(&self, cx: &CallContext, req: CreateReq) -> Result<NewEntry, FsError> {

@@ -101,6 +101,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let control = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     tokio::spawn(crate::stats::serve_control(control, vol.clone()));
     let _watcher = crate::watch::start(vol.clone()).context("watching the export")?;
+    tokio::spawn(vol.clone().run_settler());
     let reaper = vol.clone();
     tokio::spawn(async move {
         loop {
@@ -125,6 +126,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = serving.await;
+    // Nothing is left for recovery to redo after a clean stop.
+    vol.settle_now();
     db.meta.insert(db::META_CLEAN, &1u64.to_be_bytes())?;
     db.db.flush_async().await?;
     let _ = std::fs::remove_file(&sock);
