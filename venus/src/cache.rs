@@ -13,7 +13,8 @@
 //! containers in one directory, every `rm -rf` on the mount made the next
 //! few thousand container creates scan the whole freed set (~1 ms each,
 //! measured). The shards' parent is marked as a top of hierarchy
-//! (`FS_TOPDIR_FL`), so the allocator spreads the shards over many groups.
+//! ([`common::mark_top_dir`]), so the allocator spreads the shards over
+//! many groups.
 
 use crate::errors::Result;
 use common::{Attr, Fid, FileKind, Timestamp};
@@ -37,8 +38,6 @@ pub const DEFERRED_EVERY: std::time::Duration = std::time::Duration::from_millis
 
 /// Container shard directories (`containers/00` .. `containers/ff`).
 const SHARDS: u64 = 256;
-/// `FS_TOPDIR_FL` from linux/fs.h (not in the libc crate).
-const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
 
 /// The container's state when venus last knew it matched the server: a
 /// different state at startup means it was written while venus was down.
@@ -541,7 +540,7 @@ impl Cache {
 /// set before the shards are made: it decides where they are placed.
 fn make_container_dirs(root: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(root)?;
-    mark_top_dir(root);
+    common::mark_top_dir(root);
     for i in 0..SHARDS {
         match std::fs::create_dir(root.join(format!("{i:02x}"))) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
@@ -549,20 +548,6 @@ fn make_container_dirs(root: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Best effort: filesystems without the flag place directories their own way.
-fn mark_top_dir(dir: &Path) {
-    use std::os::fd::AsRawFd;
-    let Ok(d) = std::fs::File::open(dir) else { return };
-    let mut flags: libc::c_int = 0;
-    // SAFETY: both ioctls read or write one int through a valid pointer.
-    unsafe {
-        if libc::ioctl(d.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) == 0 && flags & FS_TOPDIR_FL == 0 {
-            flags |= FS_TOPDIR_FL;
-            libc::ioctl(d.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags);
-        }
-    }
 }
 
 /// Every file under `containers`: those in the shards, and any left at the
