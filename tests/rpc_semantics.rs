@@ -120,6 +120,51 @@ async fn server_crash_during_a_store_into_an_empty_file_keeps_every_byte() {
     }
 }
 
+/// Creates and fills keep their intents until the settler has synced the
+/// export. afsd is killed before it ran (a failpoint holds it), after the
+/// file was renamed and a new file took its old name; the export then loses
+/// the first file, as a power cut could. The restart redoes the create and
+/// the fill where the database says the object is now, with its bytes, and
+/// leaves the new file at the old name alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsettled_creates_and_fills_are_redone_where_the_object_is_now() {
+    let dir = TestDir::new("settle-redo");
+    let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", "hold-settle")]);
+    let client = afsd.client().await;
+    let first = client.create(create("a")).await.unwrap();
+    let fid = first.attr.fid;
+    let req = StoreReq {
+        fid,
+        base: first.attr.version.clone(),
+        size: 5,
+        data: StoreData::Inline(b"first".to_vec().into()),
+        mtime: None,
+        mode: None,
+    };
+    client.store(req).await.unwrap();
+    let rename = RenameReq {
+        from_dir: Fid::ROOT,
+        from_name: "a".into(),
+        to_dir: Fid::ROOT,
+        to_name: "b".into(),
+        no_replace: false,
+        replaced_base: None,
+    };
+    client.rename(rename).await.unwrap();
+    let second = client.create(create("a")).await.unwrap();
+    afsd.kill();
+    std::fs::remove_file(afsd.export.join("b")).unwrap();
+    afsd.set_env(&[]);
+    afsd.restart();
+    assert_eq!(std::fs::read(afsd.export.join("b")).unwrap(), b"first", "redone at its current name");
+    assert_eq!(std::fs::read(afsd.export.join("a")).unwrap(), b"", "the new file at the old name is untouched");
+    let client = afsd.client().await;
+    let b = client.lookup(LookupReq { dir: Fid::ROOT, name: "b".into() }).await.unwrap();
+    assert_eq!((b.attr.fid, b.attr.size), (fid, 5));
+    let a = client.lookup(LookupReq { dir: Fid::ROOT, name: "a".into() }).await.unwrap();
+    assert_eq!(a.attr.fid, second.attr.fid);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wrong_key_wrong_version_and_no_key_are_refused() {
     let dir = TestDir::new("auth");
