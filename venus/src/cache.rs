@@ -144,12 +144,17 @@ pub struct Cache {
     unlink_after_flush: Mutex<Vec<PathBuf>>,
     /// Large directory nodes changed in memory and not yet in sled.
     deferred: Mutex<HashSet<Fid>>,
+    /// sled's log file: sled's flush ends with `sync_file_range` only, so
+    /// `flush` adds an fdatasync of it (the size of the appended log and
+    /// the disk's cache), or a power cut could lose a logged change.
+    log: std::fs::File,
 }
 
 impl Cache {
     pub fn open(dir: &Path, limit: u64) -> Result<Cache> {
         make_container_dirs(&dir.join("containers"))?;
         let db = sled::Config::new().path(dir.join("index")).open()?;
+        let log = std::fs::File::open(dir.join("index").join("db"))?;
         let nodes_tree = db.open_tree("nodes")?;
         let meta = db.open_tree("meta")?;
         let mut nodes = HashMap::new();
@@ -176,6 +181,7 @@ impl Cache {
             limit,
             unlink_after_flush: Mutex::new(Vec::new()),
             deferred: Mutex::new(HashSet::new()),
+            log,
         };
         Ok(cache)
     }
@@ -470,9 +476,11 @@ impl Cache {
     pub fn flush(&self) -> Result<()> {
         self.write_deferred();
         let unlink = std::mem::take(&mut *self.unlink_after_flush.lock().unwrap());
-        if let Err(e) = self.db.flush() {
+        if let Err(e) =
+            self.db.flush().map_err(crate::errors::VenusError::from).and_then(|_| Ok(self.log.sync_data()?))
+        {
             self.unlink_after_flush.lock().unwrap().extend(unlink);
-            return Err(e.into());
+            return Err(e);
         }
         for p in unlink {
             let _ = std::fs::remove_file(p);
