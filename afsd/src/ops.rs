@@ -6,7 +6,7 @@
 //! at-most-once and crash-safe.
 
 use crate::db::Object;
-use crate::export::Stat;
+use crate::export::{Dir, Stat};
 use crate::handles::Kind;
 use crate::volume::{Intent, NewKind, Plan, Volume};
 use common::error::validate_name;
@@ -81,12 +81,17 @@ impl Volume {
         Ok((obj, st))
     }
 
-    /// A staging file holding `bytes`, placed near the object's directory.
-    fn stage_bytes(&self, fid: Fid, bytes: &[u8]) -> Result<(String, std::fs::File), FsError> {
-        // Placement only: the object may move before it is locked.
-        let near = self.object(fid).ok().and_then(|o| o.names.first().cloned());
-        let (name, mut f) = match near.and_then(|(parent, _)| self.open_dir(parent).ok()) {
-            Some((dir, _)) => self.new_staging_file_near(&dir)?,
+    /// The directory of `fid`'s first name, where its staging file should
+    /// be allocated. Placement only: outside the lock the object may move.
+    fn placement(&self, fid: Fid) -> Option<Dir> {
+        let (parent, _) = self.object(fid).ok()?.names.first().cloned()?;
+        self.open_dir(parent).ok().map(|(dir, _)| dir)
+    }
+
+    /// A staging file holding `bytes`, allocated near `near` if given.
+    fn stage_bytes(&self, near: Option<&Dir>, bytes: &[u8]) -> Result<(String, std::fs::File), FsError> {
+        let (name, mut f) = match near {
+            Some(dir) => self.new_staging_file_near(dir)?,
             None => self.new_staging_file()?,
         };
         if let Err(e) = tokio::task::block_in_place(|| f.write_all(bytes)) {
@@ -99,9 +104,7 @@ impl Volume {
     /// A first look, without the lock, at whether a store of `len` bytes
     /// can fill the file in place (see [`Volume::fillable`]).
     fn may_fill(&self, fid: Fid, len: usize) -> bool {
-        len <= FILL_MAX
-            && self.object(fid).is_ok_and(|o| o.names.len() == 1)
-            && self.stat_of(fid).is_ok_and(|st| st.is_file() && st.size == 0 && st.nlink == 1)
+        len <= FILL_MAX && self.object(fid).is_ok_and(|o| self.stat_of(fid).is_ok_and(|st| self.fillable(&o, &st)))
     }
 
     /// Whether the object's file can take new content in place: it is empty
@@ -411,7 +414,7 @@ impl Service for Volume {
                 // there only if that no longer holds.
                 Content::Bytes(bytes.clone())
             }
-            StoreData::Inline(bytes) => Content::Staged(self.stage_bytes(req.fid, bytes)?),
+            StoreData::Inline(bytes) => Content::Staged(self.stage_bytes(self.placement(req.fid).as_ref(), bytes)?),
             StoreData::Staged(h) => {
                 let handle = self.handles.take(cx.client(), *h).ok_or(FsError::Stale)?;
                 let Kind::Stage(name) = &handle.kind else {
@@ -449,7 +452,7 @@ impl Service for Volume {
             }
             check_base(self, req.fid, &obj, &st, Some(&req.base))?;
             let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
-            let (_, dpath) = self.open_dir(parent)?;
+            let (dir, dpath) = self.open_dir(parent)?;
             let mode = req.mode.unwrap_or(st.mode) & 0o7777;
             let mtime = req.mtime.unwrap_or_else(Timestamp::now);
             let file = match &content {
@@ -459,7 +462,7 @@ impl Service for Volume {
                         .await;
                 }
                 Content::Bytes(bytes) => {
-                    let (n, f) = self.stage_bytes(req.fid, bytes)?;
+                    let (n, f) = self.stage_bytes(Some(&dir), bytes)?;
                     staging = Some(n);
                     f
                 }

@@ -193,8 +193,7 @@ impl Cache {
     pub fn scan_containers(&self, keep: &HashSet<Fid>) -> Result<()> {
         let mut sizes = self.sizes.lock().unwrap();
         let mut nodes = self.nodes.lock().unwrap();
-        for entry in container_entries(&self.dir.join("containers"))? {
-            let (path, meta) = entry?;
+        for (path, meta) in container_entries(&self.dir.join("containers"))? {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let Some(fid) = name.parse::<u64>().ok().map(Fid) else {
                 let _ = std::fs::remove_file(&path);
@@ -560,17 +559,18 @@ fn make_container_dirs(root: &Path) -> std::io::Result<()> {
 
 /// Every file under `containers`: those in the shards, and any left at the
 /// top by a cache made before the shards existed.
-fn container_entries(root: &Path) -> std::io::Result<Vec<std::io::Result<(PathBuf, std::fs::Metadata)>>> {
+fn container_entries(root: &Path) -> std::io::Result<Vec<(PathBuf, std::fs::Metadata)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let meta = entry.metadata()?;
         if meta.is_dir() {
             for inner in std::fs::read_dir(entry.path())? {
-                out.push(inner.and_then(|e| Ok((e.path(), e.metadata()?))));
+                let inner = inner?;
+                out.push((inner.path(), inner.metadata()?));
             }
         } else {
-            out.push(Ok((entry.path(), meta)));
+            out.push((entry.path(), meta));
         }
     }
     Ok(out)
