@@ -325,12 +325,14 @@ async fn raw_session(afsd: &Afsd) -> (tokio::net::TcpStream, uuid::Uuid) {
 }
 
 /// Stores into a file while another client keeps renaming its ancestor
-/// directory: every store lands in that file, wherever it now lives.
+/// directory and a third keeps asking for its attributes: every store lands
+/// in that file, wherever it now lives, and nothing the server itself did is
+/// taken for an outside edit (which would bump the version under the writer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_race_renames_of_an_ancestor() {
     let dir = TestDir::new("rename-race");
     let afsd = Afsd::start(dir.path());
-    let (a, b) = (afsd.client().await, afsd.client().await);
+    let (a, b, c) = (afsd.client().await, afsd.client().await, afsd.client().await);
     let d1 = a.mkdir(MkdirReq { dir: Fid::ROOT, name: "d1".into(), mode: 0o755 }).await.unwrap().attr.fid;
     let sub = a.mkdir(MkdirReq { dir: d1, name: "sub".into(), mode: 0o755 }).await.unwrap().attr.fid;
     let f = a.create(CreateReq { dir: sub, name: "f".into(), mode: 0o644, exclusive: true }).await.unwrap().attr;
@@ -367,8 +369,23 @@ async fn stores_race_renames_of_an_ancestor() {
             .unwrap();
         }
     });
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let done = done.clone();
+        async move {
+            // Bounded: the writer finishes long before this many rounds.
+            for _ in 0..100_000 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let _ = c.getattr(GetAttrReq { fid: f.fid }).await;
+            }
+        }
+    });
     writer.await.unwrap();
     renamer.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.await.unwrap();
     // 60 renames end where they started.
     assert_eq!(std::fs::read_to_string(afsd.export.join("d1/sub/f")).unwrap(), "round 149\n");
     let mut all = Vec::new();

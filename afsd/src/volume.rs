@@ -383,32 +383,43 @@ impl Volume {
     /// Compares a fresh `lstat` with what the server last recorded; a
     /// difference is an edit made behind the server's back: the object gets
     /// a new version and its promises are broken. `held` is true when the
-    /// caller already holds the object's stripe.
+    /// caller already holds the namespace lock and the object's stripe, and
+    /// took `st` under them.
     pub async fn notice_external(&self, fid: Fid, obj: Object, st: &Stat, held: bool) -> Result<Object, FsError> {
         if Seen::from(st).same_content(&obj.seen) {
             return Ok(obj);
         }
-        let _guard = if held { None } else { Some(self.lock(&[fid]).await) };
-        // Re-read under the lock: a mutation may have just recorded it.
-        let obj = self.object(fid)?;
-        let st = match self.stat_of(fid) {
-            Ok(s) => s,
-            Err(_) => *st,
-        };
-        if Seen::from(&st).same_content(&obj.seen) {
-            return Ok(obj);
+        if held {
+            return self.record_external(fid, obj, st).await;
         }
+        // Judged again under the locks: a stat taken outside them may predate
+        // a change the server has just recorded, and recording it would roll
+        // `seen` back and bump the version of an object nobody touched. The
+        // namespace lock keeps a directory rename from moving the path.
+        let _ns = self.ns_lock.read().await;
+        let _guard = self.lock(&[fid]).await;
+        let obj = self.object(fid)?;
+        match self.stat_of(fid) {
+            Ok(st) if !Seen::from(&st).same_content(&obj.seen) => self.record_external(fid, obj, &st).await,
+            // Unchanged, or gone (whoever looks next sees why).
+            _ => Ok(obj),
+        }
+    }
+
+    /// Records `st` as an outside edit of `fid`. The caller holds the locks
+    /// and has seen that `st` differs from `obj.seen`.
+    async fn record_external(&self, fid: Fid, obj: Object, st: &Stat) -> Result<Object, FsError> {
         let mut obj = obj;
         if obj.seen == Seen::default() {
             // Created by the server, which records what it made on disk only
             // after making it; a crash in between loses that record, not an
             // edit. Adopting the state as it is keeps the version.
-            obj.seen = (&st).into();
+            obj.seen = st.into();
             self.db.objects.insert(fid_key(fid), db::encode(&obj)).map_err(db_err)?;
             return Ok(obj);
         }
         obj.version.increment(self.server_id);
-        obj.seen = (&st).into();
+        obj.seen = st.into();
         let encoded = db::encode(&obj);
         (&self.db.objects, &self.db.meta)
             .transaction(|(objects, meta)| {
