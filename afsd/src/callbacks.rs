@@ -128,6 +128,14 @@ impl Callbacks {
     /// Breaks every promise on these objects except `except`'s (the client
     /// that made the change knows about it).
     pub async fn break_fids(&self, fids: &[Fid], except: Option<Uuid>) {
+        let holders = self.take_holders(fids, except);
+        self.send_breaks(holders).await;
+    }
+
+    /// Removes the promises on these objects (except `except`'s) and returns
+    /// the live ones by holder: the breaks to send. Most changes touch objects
+    /// nobody else holds, so this is cheap and usually empty.
+    pub fn take_holders(&self, fids: &[Fid], except: Option<Uuid>) -> HashMap<Uuid, Vec<Fid>> {
         let now = now_secs();
         let mut per_client: HashMap<Uuid, Vec<Fid>> = HashMap::new();
         for &fid in fids {
@@ -143,6 +151,12 @@ impl Callbacks {
                 per_client.entry(client).or_default().push(fid);
             }
         }
+        per_client
+    }
+
+    /// Sends the breaks [`Callbacks::take_holders`] returned and waits a
+    /// moment for each holder's acknowledgement.
+    pub async fn send_breaks(&self, per_client: HashMap<Uuid, Vec<Fid>>) {
         // All holders at once; each gets a moment to acknowledge.
         let mut waits = tokio::task::JoinSet::new();
         for (client, fids) in per_client {

@@ -203,8 +203,13 @@ impl Db {
             return Ok(());
         }
         let target = self.written.load(Ordering::SeqCst);
-        self.db.flush_async().await.map_err(db_err)?;
-        tokio::task::block_in_place(|| self.log.sync_data())?;
+        // One blocking section for both: `flush_async` would add a hop
+        // through sled's thread pool to the one its flush already makes.
+        tokio::task::block_in_place(|| -> Result<(), FsError> {
+            self.db.flush().map_err(db_err)?;
+            self.log.sync_data()?;
+            Ok(())
+        })?;
         *flushed = target;
         Ok(())
     }

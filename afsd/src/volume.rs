@@ -475,11 +475,12 @@ impl Volume {
             (Some(fd), None) => sync_or_die_fd(&fd),
             (None, id) => self.drop_intent(id),
         }
-        if !plan.breaks.is_empty() {
+        let holders = self.callbacks.take_holders(&plan.breaks, Some(xid.client));
+        if !holders.is_empty() {
             // Sent now; awaited in `before_reply`, once the caller's locks are
             // released, so a slow holder delays only this reply.
-            let (callbacks, breaks, client) = (self.callbacks.clone(), plan.breaks, xid.client);
-            let task = tokio::spawn(async move { callbacks.break_fids(&breaks, Some(client)).await });
+            let callbacks = self.callbacks.clone();
+            let task = tokio::spawn(async move { callbacks.send_breaks(holders).await });
             self.pending_breaks.lock().unwrap().entry(xid.client).or_default().push(task);
         }
         Ok(reply)
