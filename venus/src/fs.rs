@@ -634,7 +634,7 @@ impl Venus {
 
     /// `store_shared` with the object's stripe lock held.
     async fn store_locked(&self, fid: Fid, shared: &Shared) -> Result<()> {
-        if self.cache.get(fid).is_some_and(|n| n.attr.nlink == 0) {
+        if self.cache.view(fid, |n| n.attr.nlink == 0).unwrap_or(false) {
             // Its last name was removed while it was open: nobody can reach
             // this content again, and a store would only fail (or, logged,
             // come back as a spurious update/remove conflict).
@@ -642,7 +642,7 @@ impl Venus {
         }
         let meta = shared.file.metadata()?;
         let now = ContainerStamp::of(&meta);
-        let dirty = self.cache.get(fid).is_some_and(|n| n.dirty);
+        let dirty = self.cache.view(fid, |n| n.dirty).unwrap_or(false);
         if *shared.synced.lock().unwrap() == now && !(dirty && self.link.is_connected() && self.cml.is_empty()) {
             return Ok(());
         }
@@ -829,7 +829,7 @@ impl Venus {
         remove: Option<&str>,
     ) {
         let keep_valid =
-            self.cache.get(dir).is_some_and(|n| n.current() || !self.link.is_connected() || dir.is_local());
+            self.cache.view(dir, |n| n.current() || !self.link.is_connected() || dir.is_local()).unwrap_or(false);
         self.cache.update(dir, |n| {
             if let Some(entries) = n.entries.as_mut() {
                 if let Some(name) = remove {
@@ -918,7 +918,7 @@ impl Venus {
             Ok(e) => {
                 let fid = e.attr.fid;
                 self.learn_new(dir, name, &e);
-                if e.attr.size == 0 && !self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) {
+                if e.attr.size == 0 && !self.cache.view(fid, |n| n.cached || n.dirty).unwrap_or(false) {
                     // A new, empty file: its content is known without a fetch.
                     let f = File::create(self.cache.container_path(fid))?;
                     let meta = f.metadata()?;
@@ -1096,7 +1096,7 @@ impl Venus {
                 }
                 self.after_dir_change(dir, Some(r.from_dir), None, Some(name));
                 self.after_dir_change(to_dir, Some(r.to_dir), Some((to_name, moved, r.moved.kind)), None);
-                let keep = self.cache.get(moved).is_some_and(|n| n.current());
+                let keep = self.cache.view(moved, |n| n.current()).unwrap_or(false);
                 self.cache.learn(moved, r.moved, Some((to_dir, to_name.to_string())), None);
                 if !keep {
                     self.cache.update(moved, |n| n.valid = false);
@@ -1117,7 +1117,7 @@ impl Venus {
             .or_else(|| self.opened.lock().unwrap().get(&fid).map(|(_, s)| s.clone()));
         // Writes not yet stored must survive the setattr: the container then
         // stays out of step with the server, and the close stores it.
-        let unsynced = self.cache.get(fid).is_some_and(|n| n.dirty)
+        let unsynced = self.cache.view(fid, |n| n.dirty).unwrap_or(false)
             || open.as_ref().is_some_and(|s| {
                 s.file.metadata().map(|m| ContainerStamp::of(&m) != *s.synced.lock().unwrap()).unwrap_or(true)
             });
@@ -1143,7 +1143,7 @@ impl Venus {
         // Apply the same change to the local copy, so a later store agrees.
         let container = match &open {
             Some(s) => Some(s.file.clone()),
-            None if self.cache.get(fid).is_some_and(|n| n.cached || n.dirty) => {
+            None if self.cache.view(fid, |n| n.cached || n.dirty).unwrap_or(false) => {
                 std::fs::OpenOptions::new().write(true).open(self.cache.container_path(fid)).ok().map(Arc::new)
             }
             None => None,
@@ -1358,7 +1358,7 @@ impl Venus {
                 backing: Mutex::new(None),
             };
             match self.store_locked(fid, &shared).await {
-                Ok(()) if !self.cache.get(fid).is_some_and(|n| n.dirty) => stored += 1,
+                Ok(()) if !self.cache.view(fid, |n| n.dirty).unwrap_or(false) => stored += 1,
                 Ok(()) => {}
                 Err(e) => tracing::warn!(%fid, "storing a file left dirty failed: {e}"),
             }
