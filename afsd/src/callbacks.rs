@@ -63,7 +63,15 @@ impl Callbacks {
 
     /// A client connected: deliver what it missed, then remember its pusher.
     pub fn connected(&self, client: Uuid, conn: u64, pusher: Pusher) {
-        let _ = self.db.clients.insert(client.as_bytes(), &now_secs().to_be_bytes());
+        let first_visit = matches!(self.db.clients.insert(client.as_bytes(), &now_secs().to_be_bytes()), Ok(None));
+        if first_visit {
+            // After a crash only the clients on record are told to
+            // revalidate, so a new client's record must be durable before it
+            // can be given a promise. Its requests are read only after this.
+            if let Err(e) = tokio::task::block_in_place(|| self.db.flush_now()) {
+                tracing::error!(%client, "cannot record a new client durably: {e}");
+            }
+        }
         let mut missed = Vec::new();
         let mut keys = Vec::new();
         let mut all = false;

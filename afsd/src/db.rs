@@ -205,12 +205,16 @@ impl Db {
         let target = self.written.load(Ordering::SeqCst);
         // One blocking section for both: `flush_async` would add a hop
         // through sled's thread pool to the one its flush already makes.
-        tokio::task::block_in_place(|| -> Result<(), FsError> {
-            self.db.flush().map_err(db_err)?;
-            self.log.sync_data()?;
-            Ok(())
-        })?;
+        tokio::task::block_in_place(|| self.flush_now())?;
         *flushed = target;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable, outside the group commit
+    /// (for rare writes that must not wait for the next commit). Blocking.
+    pub fn flush_now(&self) -> Result<(), FsError> {
+        self.db.flush().map_err(db_err)?;
+        self.log.sync_data()?;
         Ok(())
     }
 }
