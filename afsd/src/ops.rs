@@ -423,11 +423,10 @@ impl Service for Volume {
                 Content::Staged((name.clone(), handle.file.try_clone()?))
             }
         };
-        let staged_name = |c: &Content| match c {
+        let mut staging = match &content {
             Content::Staged((name, _)) => Some(name.clone()),
             Content::Bytes(_) => None,
         };
-        let mut staging = staged_name(&content);
         let discard = |staging: &Option<String>, e: FsError| {
             if let Some(name) = staging {
                 let _ = std::fs::remove_file(self.staging_path.join(name));

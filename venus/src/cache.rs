@@ -475,9 +475,12 @@ impl Cache {
     pub fn flush(&self) -> Result<()> {
         self.write_deferred();
         let unlink = std::mem::take(&mut *self.unlink_after_flush.lock().unwrap());
-        if let Err(e) =
-            self.db.flush().map_err(crate::errors::VenusError::from).and_then(|_| Ok(self.log.sync_data()?))
-        {
+        let durable = || -> Result<()> {
+            self.db.flush()?;
+            self.log.sync_data()?;
+            Ok(())
+        };
+        if let Err(e) = durable() {
             self.unlink_after_flush.lock().unwrap().extend(unlink);
             return Err(e);
         }
