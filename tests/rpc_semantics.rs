@@ -57,6 +57,48 @@ async fn dropped_replies_are_retried_and_mutations_run_once() {
     assert!(matches!(e, RpcError::Fs(FsError::Exists)), "{e:?}");
 }
 
+/// A server that is slow but alive (its replies come late, its pongs on
+/// time) is waited for past the call timeout: a long request must not make
+/// a client think the server is gone. One that stops answering altogether
+/// still fails the call within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_server_is_waited_for_and_a_silent_one_is_not() {
+    let dir = TestDir::new("slow-server");
+    let afsd = Afsd::start(dir.path());
+    let proxy = Proxy::start(afsd.addr.clone()).await;
+    let mut cfg = afsd.client_config();
+    cfg.addr = proxy.addr.to_string();
+    cfg.attempt_timeout = Duration::from_millis(300);
+    cfg.call_timeout = Duration::from_secs(1);
+    cfg.connect_timeout = Duration::from_millis(500);
+    let client = Client::connect(cfg).await.unwrap();
+
+    // Every reply (the retransmissions' too) is held back 2.5 s: more than
+    // twice the call timeout.
+    proxy.delay_next_replies(1000, Duration::from_millis(2500));
+    let started = Instant::now();
+    let made = client.create(create("slow")).await.expect("a slow server's reply is waited for");
+    let took = started.elapsed();
+    proxy.delay_next_replies(0, Duration::ZERO);
+    assert!(took >= Duration::from_millis(2400), "the reply really was late: {took:?}");
+    assert!(afsd.rpcs("create") >= 2, "the create was retransmitted while waiting");
+    assert!(afsd.export.join("slow").is_file());
+    let again = client.getattr(GetAttrReq { fid: made.attr.fid }).await.unwrap();
+    assert_eq!(again.attr.version, made.attr.version, "the create ran once");
+
+    // No reply and no pong on a connection that stays up: the server is
+    // gone, whatever the busy limit.
+    proxy.silence(true);
+    let started = Instant::now();
+    let e = client.getattr(GetAttrReq { fid: Fid::ROOT }).await.unwrap_err();
+    assert!(e.is_transport(), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a silent server fails the call quickly: {:?}",
+        started.elapsed()
+    );
+}
+
 /// afsd dies after executing a mutation and before replying (a failpoint
 /// aborts it there); the client's retransmission to the restarted server gets
 /// the recorded reply instead of a second execution.
@@ -79,6 +121,38 @@ async fn server_crash_before_reply_does_not_run_a_mutation_twice() {
         let found = client.lookup(LookupReq { dir: Fid::ROOT, name: "lockfile".into() }).await.unwrap();
         assert_eq!(found.attr.fid, made.attr.fid, "{failpoint}: one object, one fid");
     }
+}
+
+/// sled can deadlock for good; afsd's watchdog then restarts it in place
+/// (the `stall-db` failpoint makes the watchdog see a stuck write). The
+/// process keeps its pid and its address, a connected client carries on
+/// through a reconnection, and nothing done before is lost or done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_database_restarts_afsd_in_place() {
+    let dir = TestDir::new("stuck-db");
+    let afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", "stall-db")]);
+    let client = afsd.client().await;
+    let made = client.create(create("before")).await.unwrap();
+    let pid = afsd.pid();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while afsd.stats()["restarts"].as_u64() != Some(1) {
+        assert!(Instant::now() < deadline, "afsd did not restart within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is still there");
+    assert!(!status.contains("State:\tZ"), "afsd exited instead of restarting");
+    let addr = std::fs::read_to_string(afsd.state.join("afsd.addr")).unwrap();
+    assert_eq!(addr.trim(), afsd.addr, "the restarted image listens on the same address");
+    let after = client.create(create("after")).await.expect("the client carries on after the restart");
+    assert_ne!(after.attr.fid, made.attr.fid);
+    let found = client.lookup(LookupReq { dir: Fid::ROOT, name: "before".into() }).await.unwrap();
+    assert_eq!(found.attr.fid, made.attr.fid, "what was made before the restart is kept");
+    let again = client.create(create("before")).await.unwrap_err();
+    assert!(matches!(again, RpcError::Fs(FsError::Exists)), "{again:?}");
+    // The restarted image does not stall again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(afsd.stats()["restarts"].as_u64(), Some(1));
+    assert!(afsd.export.join("before").is_file() && afsd.export.join("after").is_file());
 }
 
 /// A store into an empty file is written in place from the committed

@@ -6,6 +6,7 @@ mod db;
 mod export;
 mod handles;
 mod ops;
+mod restart;
 mod server;
 mod settle;
 mod stats;

@@ -3,14 +3,18 @@
 
 use crate::db::{self, Db};
 use crate::export::Export;
+use crate::restart;
 use crate::volume::Volume;
 use anyhow::{bail, Context};
 use common::auth::Key;
 use common::proto::{OpKind, Reply, Xid};
 use common::rpc::{Hooks, Pusher, RpcServer};
+use common::sled_watchdog::Watchdog;
 use common::FsError;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -79,6 +83,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let export_path = opts.export.canonicalize()?;
     let key = Key::load_or_create(&opts.state.join("afs.key"))?;
     let db = Arc::new(Db::open(&opts.state).map_err(anyhow::Error::msg)?);
+    // A database that stops for good (see `sled_watchdog`) gets a restart in
+    // place; the listening socket goes along once there is one.
+    let failpoint = std::env::var("AFSD_FAILPOINT").ok().filter(|_| restart::restarts() == 0);
+    let stall_test = failpoint.as_deref() == Some("stall-db");
+    let listen_fd = Arc::new(AtomicI32::new(-1));
+    let watchdog = {
+        let listen_fd = listen_fd.clone();
+        let limit = if stall_test { Duration::from_secs(1) } else { restart::STUCK_LIMIT };
+        Watchdog::start(&db.db, limit, move |stuck| {
+            tracing::error!(?stuck, "the database has stopped (a sled deadlock): restarting afsd in place");
+            let fd = listen_fd.load(Ordering::SeqCst);
+            restart::exec_self((fd >= 0).then_some(fd));
+        })
+        .context("starting the database watchdog")?
+    };
     let first_start = db.objects.is_empty();
     let was_clean = db.meta_u64(db::META_CLEAN) == 1;
     let (staging, in_export) = staging_dir(&export_path, &opts.state)?;
@@ -94,7 +113,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     db.meta.insert(db::META_CLEAN, &0u64.to_be_bytes())?;
     db.db.flush_async().await?;
 
-    let listener = TcpListener::bind(&opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?;
+    let listener = match restart::inherited_listener()? {
+        Some(l) => {
+            tracing::warn!(restarts = restart::restarts(), "restarted in place after the database stopped");
+            TcpListener::from_std(l)?
+        }
+        None => TcpListener::bind(&opts.listen).await.with_context(|| format!("listening on {}", opts.listen))?,
+    };
+    listen_fd.store(listener.as_raw_fd(), Ordering::SeqCst);
     let addr = listener.local_addr()?;
     let sock = crate::stats::socket_path(&opts.state);
     let _ = std::fs::remove_file(&sock);
@@ -118,6 +144,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Tests and scripts read the bound address (useful with port 0).
     println!("afsd listening on {addr}");
     std::fs::write(opts.state.join("afsd.addr"), addr.to_string())?;
+    if stall_test {
+        // Tests: sled "stops" now, with a client or two connected.
+        watchdog.simulate_stall();
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

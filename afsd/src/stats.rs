@@ -58,6 +58,8 @@ pub fn snapshot(vol: &Volume) -> serde_json::Value {
         "volume_stamp": vol.stamp(),
         "objects": vol.db.objects.len(),
         "reply_cache": vol.db.replies.len(),
+        // Restarts in place after the database stopped (see `restart.rs`).
+        "restarts": crate::restart::restarts(),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod fid;
 pub mod frame;
 pub mod proto;
 pub mod rpc;
+pub mod sled_watchdog;
 pub mod version_vector;
 
 /// Bulk data moves in 1 MiB buffers. glibc would serve each from a fresh

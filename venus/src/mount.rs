@@ -61,6 +61,17 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let key = Key::load(&opts.key)?;
     let cache = Cache::open(&opts.cache, opts.cache_size)
         .with_context(|| format!("opening the cache in {}", opts.cache.display()))?;
+    // sled can deadlock (see `sled_watchdog`); venus cannot restart under
+    // its mount, so it says so loudly, once every stalled stretch.
+    let _watchdog = {
+        let told = std::sync::atomic::AtomicBool::new(false);
+        common::sled_watchdog::Watchdog::start(cache.db(), Duration::from_secs(10), move |stuck| {
+            if !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::error!(?stuck, "the cache index has stopped (a sled deadlock): restart venus");
+            }
+        })
+        .context("starting the cache index watchdog")?
+    };
     let was_clean = cache.meta_get("clean").is_some_and(|v| v == [1]);
     let forced = cache.meta_get("forced_offline").is_some_and(|v| v == [1]);
     let (client_id, seq_floor) = client_identity(&cache)?;

@@ -52,10 +52,16 @@ pub struct ClientConfig {
     pub addr: String,
     pub key: Key,
     pub client_id: Uuid,
-    /// How long to wait for a reply before retransmitting.
+    /// How long to wait for a reply before checking the server is alive
+    /// and retransmitting.
     pub attempt_timeout: Duration,
-    /// How long a call may take in all before it fails with `Timeout`.
+    /// How long a call may go without a sign of life from the server (a
+    /// reply, or an answer to a ping) before it fails with `Timeout`.
     pub call_timeout: Duration,
+    /// How long a call may take in all while the server keeps answering
+    /// pings: a slow request (a first listing of a huge directory) is not
+    /// a lost server, but nothing waits forever.
+    pub busy_limit: Duration,
     pub connect_timeout: Duration,
     /// When false, breaks are acknowledged as soon as they arrive; when
     /// true the owner calls [`Client::ack_break`] after applying them.
@@ -70,6 +76,7 @@ impl ClientConfig {
             client_id,
             attempt_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
+            busy_limit: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(3),
             manual_break_acks: false,
         }
@@ -276,15 +283,22 @@ impl Client {
     pub async fn ping(&self, wait: Duration) -> Result<Duration, RpcError> {
         let start = Instant::now();
         let conn = timeout(wait, self.connection()).await.map_err(|_| RpcError::Timeout(wait))??;
+        self.ping_conn(&conn, wait.saturating_sub(start.elapsed())).await?;
+        Ok(start.elapsed())
+    }
+
+    /// A ping on one given connection: whether the server still reads it.
+    async fn ping_conn(&self, conn: &Conn, wait: Duration) -> Result<(), RpcError> {
         let (tx, rx) = oneshot::channel();
         conn.pings.lock().unwrap().push(tx);
         let frame = Arc::new(frame::encode_message(Message::Ping).map_err(|e| RpcError::Protocol(e.to_string()))?);
-        conn.outbox.send(frame).await.map_err(|_| RpcError::Unreachable("connection closed".into()))?;
-        match timeout(wait.saturating_sub(start.elapsed()), rx).await {
-            Ok(Ok(())) => Ok(start.elapsed()),
-            Ok(Err(_)) => Err(RpcError::Unreachable("connection closed".into())),
-            Err(_) => Err(RpcError::Timeout(wait)),
-        }
+        let closed = || RpcError::Unreachable("connection closed".into());
+        // The send is bounded too: a dead peer can leave the outbox full.
+        let round_trip = async {
+            conn.outbox.send(frame).await.map_err(|_| closed())?;
+            rx.await.map_err(|_| closed())
+        };
+        timeout(wait, round_trip).await.map_err(|_| RpcError::Timeout(wait))?
     }
 
     fn ack(&self) -> u64 {
@@ -317,7 +331,9 @@ impl Client {
             frame::encode_message(Message::Call { xid, ack: self.ack(), body })
                 .map_err(|e| RpcError::Protocol(e.to_string()))?,
         );
-        let deadline = Instant::now() + inner.cfg.call_timeout;
+        let started = Instant::now();
+        let hard_deadline = started + inner.cfg.busy_limit.max(inner.cfg.call_timeout);
+        let mut deadline = started + inner.cfg.call_timeout;
         let mut backoff = Duration::from_millis(50);
         let mut last_err = RpcError::Timeout(inner.cfg.call_timeout);
         while Instant::now() < deadline {
@@ -332,23 +348,40 @@ impl Client {
                     continue;
                 }
             };
-            let (tx, rx) = oneshot::channel();
+            let (tx, mut rx) = oneshot::channel();
             conn.pending.lock().unwrap().insert(seq, tx);
             if conn.outbox.send(frame.clone()).await.is_err() {
                 self.drop_connection(&conn).await;
                 continue;
             }
             let wait = inner.cfg.attempt_timeout.min(deadline - Instant::now());
-            match timeout(wait, rx).await {
+            match timeout(wait, &mut rx).await {
                 Ok(Ok(result)) => return result.map_err(RpcError::Fs),
                 Ok(Err(_)) => {
                     // The connection died under us; reconnect and resend.
                     last_err = RpcError::Unreachable("connection lost".into());
                 }
                 Err(_) => {
+                    last_err = RpcError::Timeout(inner.cfg.call_timeout);
+                    // Slow, or gone? A server that answers a ping on this
+                    // connection is working on it: the call gets more time
+                    // (up to the hard limit) and is resent, which the server
+                    // joins to the running execution. One that does not is
+                    // dropped, and the call goes to a new connection.
+                    match self.ping_conn(&conn, inner.cfg.attempt_timeout).await {
+                        Ok(()) => deadline = (Instant::now() + inner.cfg.call_timeout).min(hard_deadline),
+                        Err(_) => {
+                            conn.closed.store(true, Ordering::SeqCst);
+                            conn.kill.notify_one();
+                            self.drop_connection(&conn).await;
+                        }
+                    }
+                    // A reply that arrived during the ping still counts.
+                    if let Ok(result) = rx.try_recv() {
+                        return result.map_err(RpcError::Fs);
+                    }
                     conn.pending.lock().unwrap().remove(&seq);
                     tracing::debug!(seq, "no reply yet, retransmitting");
-                    last_err = RpcError::Timeout(inner.cfg.call_timeout);
                 }
             }
         }
