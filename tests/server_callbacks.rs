@@ -125,6 +125,50 @@ async fn an_edit_in_the_export_breaks_promises() {
     assert!(listing.entries.iter().any(|e| e.name == "new"));
 }
 
+/// A directory of 1,000 entries made behind the server's back (files,
+/// subdirectories, a symlink) is adopted whole by its first listing, in
+/// batches: every name gets its own fid of the right kind, and the fids
+/// hold on the next listing, through lookups, and across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_directory_made_outside_is_adopted_whole() {
+    let dir = TestDir::new("adopt-many");
+    let big = dir.path().join("export/big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..990 {
+        std::fs::write(big.join(format!("f{i:04}")), format!("{i}")).unwrap();
+    }
+    for i in 0..9 {
+        std::fs::create_dir(big.join(format!("d{i}"))).unwrap();
+    }
+    std::os::unix::fs::symlink("f0001", big.join("link")).unwrap();
+    let mut afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let big_fid = lookup(&a, "big").await.attr.fid;
+    let first = a.readdir(ReadDirReq { dir: big_fid }).await.unwrap();
+    assert_eq!(first.entries.len(), 1000);
+    let fids: std::collections::HashSet<Fid> = first.entries.iter().map(|e| e.fid).collect();
+    assert_eq!(fids.len(), 1000, "every name has a fid of its own");
+    let kind_of = |name: &str| first.entries.iter().find(|e| e.name == name).unwrap().kind;
+    assert_eq!(kind_of("f0500"), common::FileKind::File);
+    assert_eq!(kind_of("d3"), common::FileKind::Dir);
+    assert_eq!(kind_of("link"), common::FileKind::Symlink);
+    let by_lookup = a.lookup(LookupReq { dir: big_fid, name: "f0500".into() }).await.unwrap();
+    assert_eq!(Some(by_lookup.attr.fid), first.entries.iter().find(|e| e.name == "f0500").map(|e| e.fid));
+    let again = a.readdir(ReadDirReq { dir: big_fid }).await.unwrap();
+    let mut before: Vec<_> = first.entries.iter().map(|e| (e.name.clone(), e.fid)).collect();
+    let mut after: Vec<_> = again.entries.iter().map(|e| (e.name.clone(), e.fid)).collect();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "a second listing finds the same objects");
+    afsd.stop();
+    afsd.restart();
+    let b = afsd.client().await;
+    let mut restarted: Vec<_> =
+        b.readdir(ReadDirReq { dir: big_fid }).await.unwrap().entries.iter().map(|e| (e.name.clone(), e.fid)).collect();
+    restarted.sort();
+    assert_eq!(before, restarted, "and so does one after a restart");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_away_at_break_time_learns_on_reconnect() {
     let dir = TestDir::new("away");

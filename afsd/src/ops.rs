@@ -12,7 +12,7 @@ use crate::volume::{Intent, NewKind, Plan, Volume};
 use common::error::validate_name;
 use common::frame::CHUNK_SIZE;
 use common::proto::*;
-use common::{Attr, DirEntry, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
+use common::{Attr, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -275,12 +275,7 @@ impl Service for Volume {
         let _g = self.lock(&[req.dir]).await;
         let (d, _) = self.open_dir(req.dir)?;
         let names = tokio::task::block_in_place(|| d.list())?;
-        let mut entries = Vec::with_capacity(names.len());
-        for name in &names {
-            if let Some((fid, o, _)) = self.resolve_locked(&d, req.dir, name)? {
-                entries.push(DirEntry { name: name.clone(), fid, kind: o.kind });
-            }
-        }
+        let entries = tokio::task::block_in_place(|| self.entries_locked(&d, req.dir, &names))?;
         // Forget names that vanished from disk behind the server's back.
         let prefix = req.dir.0.to_be_bytes();
         for (k, _) in self.db.dirents.scan_prefix(prefix).flatten() {

@@ -17,7 +17,7 @@ const LISTEN_FD_VAR: &str = "AFSD_LISTEN_FD";
 const RESTARTS_VAR: &str = "AFSD_RESTARTS";
 
 /// A probe write stuck this long means sled will not come back.
-pub const STUCK_LIMIT: Duration = Duration::from_secs(10);
+pub const STUCK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Restarts so far (0 in a process started by hand).
 pub fn restarts() -> u32 {

@@ -91,7 +91,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let watchdog = {
         let listen_fd = listen_fd.clone();
         let limit = if stall_test { Duration::from_secs(1) } else { restart::STUCK_LIMIT };
-        Watchdog::start(&db.db, limit, move |stuck| {
+        let warned = std::sync::atomic::AtomicBool::new(false);
+        Watchdog::start(&db.db, limit.min(Duration::from_secs(2)), move |stuck| {
+            if stuck < limit {
+                if !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(?stuck, "a database write is stuck");
+                }
+                return;
+            }
             tracing::error!(?stuck, "the database has stopped (a sled deadlock): restarting afsd in place");
             let fd = listen_fd.load(Ordering::SeqCst);
             restart::exec_self((fd >= 0).then_some(fd));

@@ -23,7 +23,7 @@ use crate::handles::Handles;
 use crate::settle::{self, Settler};
 use crate::stats::Stats;
 use common::proto::{OpKind, Reply, Xid};
-use common::{Attr, Fid, FileKind, FsError, SetAttr, Timestamp, VersionVector};
+use common::{Attr, DirEntry, Fid, FileKind, FsError, SetAttr, Timestamp, VersionVector};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, Transactional};
 use std::os::unix::fs::PermissionsExt;
@@ -34,6 +34,8 @@ use uuid::Uuid;
 const STRIPES: usize = 1024;
 /// Longest parent chain followed when building a path (a loop guard).
 const MAX_DEPTH: usize = 4096;
+/// Objects adopted per transaction (see [`Volume::adopt_all`]).
+const ADOPT_BATCH: usize = 256;
 
 /// What a new name is.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -334,50 +336,100 @@ impl Volume {
         Ok(Some((fid, obj, st)))
     }
 
+    /// The entries of an open directory, as they are on disk now (see
+    /// [`Volume::resolve_locked`]), with the objects that appeared behind
+    /// the server's back adopted in batches.
+    pub fn entries_locked(&self, dir: &Dir, dir_fid: Fid, names: &[String]) -> Result<Vec<DirEntry>, FsError> {
+        let mut entries = Vec::with_capacity(names.len());
+        let mut found = Vec::new();
+        for name in names {
+            if self.hidden(dir_fid, name) {
+                continue;
+            }
+            let st = match dir.lstat(name) {
+                Ok(st) => st,
+                Err(FsError::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(kind) = Self::kind_of(&st) else { continue };
+            let known = match self.db.dirent(dir_fid, name)? {
+                Some(fid) => self.db.object(fid)?.filter(|o| o.kind == kind).map(|_| fid),
+                None => None,
+            };
+            match known {
+                Some(fid) => entries.push(DirEntry { name: name.clone(), fid, kind }),
+                None => found.push((name.clone(), kind, st)),
+            }
+        }
+        let fids = self.adopt_all(dir_fid, &found)?;
+        for ((name, kind, _), fid) in found.into_iter().zip(fids) {
+            entries.push(DirEntry { name, fid, kind });
+        }
+        Ok(entries)
+    }
+
     /// Gives an object found on disk a fid (or re-points a name whose
     /// object changed kind). Safe to race: the transaction re-checks.
     fn adopt(&self, dir: Fid, name: &str, kind: FileKind, st: &Stat) -> Result<Fid, FsError> {
-        let fresh = Fid(self.db.db.generate_id().map_err(db_err)? + 2);
-        let key = dirent_key(dir, name);
-        let new_obj = Object {
-            kind,
-            names: vec![(dir, name.to_string())],
-            version: {
-                let mut v = VersionVector::new();
-                v.increment(self.server_id);
-                v
-            },
-            seen: st.into(),
-        };
-        let db = &self.db;
-        let fid = (&db.objects, &db.dirents, &db.meta)
-            .transaction(|(objects, dirents, meta)| {
-                if let Some(v) = dirents.get(&key)? {
-                    let old = Fid(db::be_u64(&v));
-                    if let Some(o) = objects.get(fid_key(old))? {
-                        let o: Object = db::decode(&o).map_err(ConflictableTransactionError::Abort)?;
-                        if o.kind == kind {
-                            return Ok(old);
+        let found = [(name.to_string(), kind, *st)];
+        Ok(self.adopt_all(dir, &found)?[0])
+    }
+
+    /// [`Volume::adopt`] for many names of one directory, in transactions
+    /// of [`ADOPT_BATCH`]: a first listing of a directory of 10,000 files
+    /// made behind the server's back is 40 commits, not 10,000 (and a
+    /// burst of sled writes that size is what sled's IO pool chokes on,
+    /// see `common::sled_watchdog`).
+    pub fn adopt_all(&self, dir: Fid, found: &[(String, FileKind, Stat)]) -> Result<Vec<Fid>, FsError> {
+        let mut fids = Vec::with_capacity(found.len());
+        for chunk in found.chunks(ADOPT_BATCH) {
+            let fresh: Vec<Fid> = chunk.iter().map(|_| self.new_fid()).collect::<Result<_, _>>()?;
+            let items: Vec<(Vec<u8>, Object)> = chunk
+                .iter()
+                .map(|(name, kind, st)| {
+                    let mut version = VersionVector::new();
+                    version.increment(self.server_id);
+                    let obj = Object { kind: *kind, names: vec![(dir, name.clone())], version, seen: st.into() };
+                    (dirent_key(dir, name), obj)
+                })
+                .collect();
+            let db = &self.db;
+            let got = (&db.objects, &db.dirents, &db.meta)
+                .transaction(|(objects, dirents, meta)| {
+                    let mut got = Vec::with_capacity(items.len());
+                    for ((key, new_obj), fresh) in items.iter().zip(&fresh) {
+                        let (dir, name) = (dir, &new_obj.names[0].1);
+                        if let Some(v) = dirents.get(key)? {
+                            let old = Fid(db::be_u64(&v));
+                            if let Some(o) = objects.get(fid_key(old))? {
+                                let mut o: Object = db::decode(&o).map_err(ConflictableTransactionError::Abort)?;
+                                if o.kind == new_obj.kind {
+                                    got.push(old);
+                                    continue;
+                                }
+                                o.names.retain(|(p, n)| !(*p == dir && n == name));
+                                if o.names.is_empty() {
+                                    objects.remove(&fid_key(old))?;
+                                } else {
+                                    objects.insert(&fid_key(old), db::encode(&o))?;
+                                }
+                            }
                         }
-                        let mut o = o;
-                        o.names.retain(|(p, n)| !(*p == dir && n == name));
-                        if o.names.is_empty() {
-                            objects.remove(&fid_key(old))?;
-                        } else {
-                            objects.insert(&fid_key(old), db::encode(&o))?;
-                        }
+                        objects.insert(&fid_key(*fresh), db::encode(new_obj))?;
+                        dirents.insert(key.as_slice(), &fresh.0.to_be_bytes())?;
+                        got.push(*fresh);
                     }
-                }
-                objects.insert(&fid_key(fresh), db::encode(&new_obj))?;
-                dirents.insert(key.as_slice(), &fresh.0.to_be_bytes())?;
-                bump_stamp(meta)?;
-                Ok(fresh)
-            })
-            .map_err(tx_err)?;
-        if fid == fresh {
-            tracing::info!(%fid, name, "adopted an object created directly in the export");
+                    bump_stamp(meta)?;
+                    Ok(got)
+                })
+                .map_err(tx_err)?;
+            let adopted = got.iter().zip(&fresh).filter(|(g, f)| g == f).count();
+            if adopted > 0 {
+                tracing::info!(%dir, adopted, "adopted objects created directly in the export");
+            }
+            fids.extend(got);
         }
-        Ok(fid)
+        Ok(fids)
     }
 
     /// Compares a fresh `lstat` with what the server last recorded; a
