@@ -99,3 +99,46 @@ impl Drop for Watchdog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn temp_db() -> sled::Db {
+        sled::Config::new().temporary(true).open().unwrap()
+    }
+
+    #[test]
+    fn a_healthy_database_raises_no_alarm() {
+        let db = temp_db();
+        let calls = Arc::new(AtomicU64::new(0));
+        let c = calls.clone();
+        let dog = Watchdog::start(&db, Duration::from_millis(600), move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(2000));
+        drop(dog);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert!(db.open_tree("watchdog").unwrap().get(b"probe").unwrap().is_some(), "the probe writes");
+    }
+
+    #[test]
+    fn a_stuck_write_is_reported_with_how_long() {
+        let db = temp_db();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let dog = Watchdog::start(&db, Duration::from_millis(600), move |stuck| s.lock().unwrap().push(stuck)).unwrap();
+        dog.simulate_stall();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(dog);
+        let seen = seen.lock().unwrap();
+        assert!(seen.len() >= 2, "reported every half second while stuck: {seen:?}");
+        assert!(seen.iter().all(|d| *d >= Duration::from_millis(600)), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[1] > w[0]), "the stall grows: {seen:?}");
+    }
+}
