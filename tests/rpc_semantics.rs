@@ -155,6 +155,33 @@ async fn a_stuck_database_restarts_afsd_in_place() {
     assert!(afsd.export.join("before").is_file() && afsd.export.join("after").is_file());
 }
 
+/// A call that afsd has executed but not yet answered when it restarts in
+/// place (its reply held back by the proxy) is resent under the same
+/// transaction id to the restarted image, which answers it from the reply
+/// cache: the create runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_in_flight_across_a_restart_in_place_runs_once() {
+    let dir = TestDir::new("stuck-db-inflight");
+    let afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", "stall-db")]);
+    let proxy = Proxy::start(afsd.addr.clone()).await;
+    let mut cfg = afsd.client_config();
+    cfg.addr = proxy.addr.to_string();
+    cfg.attempt_timeout = Duration::from_millis(300);
+    let client = Client::connect(cfg).await.unwrap();
+    proxy.delay_next_replies(1000, Duration::from_secs(4));
+    let started = Instant::now();
+    let made = client.create(create("inflight")).await.expect("the create survives the restart");
+    proxy.delay_next_replies(0, Duration::ZERO);
+    assert_eq!(afsd.stats()["restarts"].as_u64(), Some(1), "afsd restarted while the create was in flight");
+    assert!(started.elapsed() >= Duration::from_secs(4), "the first reply was held back past the restart");
+    assert!(afsd.rpcs("create") >= 1, "the resend reached the restarted image");
+    let again = client.create(create("inflight")).await.unwrap_err();
+    assert!(matches!(again, RpcError::Fs(FsError::Exists)), "{again:?}");
+    let found = client.lookup(LookupReq { dir: Fid::ROOT, name: "inflight".into() }).await.unwrap();
+    assert_eq!(found.attr.fid, made.attr.fid, "one object, one fid");
+    assert_eq!(found.attr.version, made.attr.version, "created once");
+}
+
 /// A store into an empty file is written in place from the committed
 /// intent. afsd dies after the commit (before writing a byte), or after
 /// writing (before replying): either way the retransmitted store gets the

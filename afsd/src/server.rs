@@ -87,9 +87,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // place; the listening socket goes along once there is one.
     let failpoint = std::env::var("AFSD_FAILPOINT").ok().filter(|_| restart::restarts() == 0);
     let stall_test = failpoint.as_deref() == Some("stall-db");
-    let listen_fd = Arc::new(AtomicI32::new(-1));
+    // A socket handed over by a restart is taken first: a restart during
+    // recovery must hand it on again.
+    let inherited = restart::inherited_listener()?;
+    let listen_fd = Arc::new(AtomicI32::new(inherited.as_ref().map_or(-1, |l| l.as_raw_fd())));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
-        let listen_fd = listen_fd.clone();
+        let (listen_fd, stopping) = (listen_fd.clone(), stopping.clone());
         let limit = if stall_test { Duration::from_secs(1) } else { restart::STUCK_LIMIT };
         let warned = std::sync::atomic::AtomicBool::new(false);
         Watchdog::start(&db.db, limit.min(Duration::from_secs(2)), move |stuck| {
@@ -98,6 +102,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     tracing::warn!(?stuck, "a database write is stuck");
                 }
                 return;
+            }
+            if stopping.load(Ordering::SeqCst) {
+                // Asked to stop: stop, and leave the rest to recovery.
+                tracing::error!(?stuck, "the database has stopped (a sled deadlock) while shutting down");
+                std::process::abort();
             }
             tracing::error!(?stuck, "the database has stopped (a sled deadlock): restarting afsd in place");
             let fd = listen_fd.load(Ordering::SeqCst);
@@ -120,7 +129,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     db.meta.insert(db::META_CLEAN, &0u64.to_be_bytes())?;
     db.db.flush_async().await?;
 
-    let listener = match restart::inherited_listener()? {
+    let listener = match inherited {
         Some(l) => {
             tracing::warn!(restarts = restart::restarts(), "restarted in place after the database stopped");
             TcpListener::from_std(l)?
@@ -161,6 +170,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
     }
+    stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = serving.await;
     // Nothing is left for recovery to redo after a clean stop.

@@ -62,7 +62,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let cache = Cache::open(&opts.cache, opts.cache_size)
         .with_context(|| format!("opening the cache in {}", opts.cache.display()))?;
     // sled can deadlock (see `sled_watchdog`); venus cannot restart under
-    // its mount, so it says so loudly, once every stalled stretch.
+    // its mount, so it says so, once.
     let _watchdog = {
         let told = std::sync::atomic::AtomicBool::new(false);
         common::sled_watchdog::Watchdog::start(cache.db(), Duration::from_secs(10), move |stuck| {
@@ -76,9 +76,11 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
     let forced = cache.meta_get("forced_offline").is_some_and(|v| v == [1]);
     let (client_id, seq_floor) = client_identity(&cache)?;
     let mut cfg = ClientConfig::new(opts.server.clone(), key, client_id);
-    // A lost server is noticed within a few seconds.
+    // A lost server (no reply, no pong) is noticed within a few seconds; a
+    // busy one that still answers pings is waited for, up to two minutes.
     cfg.attempt_timeout = Duration::from_secs(2);
     cfg.call_timeout = Duration::from_secs(5);
+    cfg.busy_limit = Duration::from_secs(120);
     cfg.connect_timeout = Duration::from_secs(2);
     cfg.manual_break_acks = true;
     let client = Client::new(cfg);

@@ -350,38 +350,63 @@ impl Client {
             };
             let (tx, mut rx) = oneshot::channel();
             conn.pending.lock().unwrap().insert(seq, tx);
-            if conn.outbox.send(frame.clone()).await.is_err() {
-                self.drop_connection(&conn).await;
+            if !self.send_within(&conn, &frame, deadline).await {
                 continue;
             }
-            let wait = inner.cfg.attempt_timeout.min(deadline - Instant::now());
-            match timeout(wait, &mut rx).await {
-                Ok(Ok(result)) => return result.map_err(RpcError::Fs),
-                Ok(Err(_)) => {
-                    // The connection died under us; reconnect and resend.
-                    last_err = RpcError::Unreachable("connection lost".into());
-                }
-                Err(_) => {
-                    last_err = RpcError::Timeout(inner.cfg.call_timeout);
-                    // Slow, or gone? A server that answers a ping on this
-                    // connection is working on it: the call gets more time
-                    // (up to the hard limit) and is resent, which the server
-                    // joins to the running execution. One that does not is
-                    // dropped, and the call goes to a new connection.
-                    match self.ping_conn(&conn, inner.cfg.attempt_timeout).await {
-                        Ok(()) => deadline = (Instant::now() + inner.cfg.call_timeout).min(hard_deadline),
-                        Err(_) => {
-                            conn.closed.store(true, Ordering::SeqCst);
-                            conn.kill.notify_one();
-                            self.drop_connection(&conn).await;
-                        }
+            // Waits on this connection for as long as the server shows it is
+            // alive. A slow call is resent now and then (after 1, 2, 4, 8...
+            // answered pings): the server joins a resend to the running
+            // execution, and it covers a reply lost on the way. Every resend
+            // holds a request slot on the server until the first finishes,
+            // hence the backoff.
+            let mut probes: u32 = 0;
+            loop {
+                let wait = inner.cfg.attempt_timeout.min(deadline.saturating_duration_since(Instant::now()));
+                match timeout(wait, &mut rx).await {
+                    Ok(Ok(result)) => return result.map_err(RpcError::Fs),
+                    Ok(Err(_)) => {
+                        // The connection died under us; reconnect and resend.
+                        last_err = RpcError::Unreachable("connection lost".into());
+                        break;
                     }
-                    // A reply that arrived during the ping still counts.
+                    Err(_) => last_err = RpcError::Timeout(inner.cfg.call_timeout),
+                }
+                if Instant::now() >= hard_deadline {
+                    // Busy for longer than anyone should wait: this call
+                    // gives up; the connection stays for the others.
+                    conn.pending.lock().unwrap().remove(&seq);
+                    return match rx.try_recv() {
+                        Ok(result) => result.map_err(RpcError::Fs),
+                        Err(_) => Err(RpcError::Timeout(inner.cfg.busy_limit)),
+                    };
+                }
+                // Slow, or gone? A server that answers a ping on this
+                // connection is working on the call, which gets more time (up
+                // to the hard limit). One that does not is dropped, and the
+                // call goes to a new connection.
+                let wait = inner.cfg.attempt_timeout.min(hard_deadline - Instant::now());
+                if self.ping_conn(&conn, wait).await.is_err() {
+                    conn.closed.store(true, Ordering::SeqCst);
+                    conn.kill.notify_one();
+                    self.drop_connection(&conn).await;
+                    // Out of `pending` first: then no reply can slip past.
+                    conn.pending.lock().unwrap().remove(&seq);
                     if let Ok(result) = rx.try_recv() {
                         return result.map_err(RpcError::Fs);
                     }
-                    conn.pending.lock().unwrap().remove(&seq);
-                    tracing::debug!(seq, "no reply yet, retransmitting");
+                    break;
+                }
+                // Still in `pending`: a reply on its way reaches `rx`.
+                if let Ok(result) = rx.try_recv() {
+                    return result.map_err(RpcError::Fs);
+                }
+                deadline = (Instant::now() + inner.cfg.call_timeout).min(hard_deadline);
+                probes += 1;
+                if probes.is_power_of_two() {
+                    tracing::debug!(seq, probes, "no reply yet, resending");
+                    if !self.send_within(&conn, &frame, deadline).await {
+                        break;
+                    }
                 }
             }
         }
@@ -389,6 +414,23 @@ impl Client {
             RpcError::Unreachable(m) => RpcError::Unreachable(m),
             _ => RpcError::Timeout(inner.cfg.call_timeout),
         })
+    }
+
+    /// Queues a frame on `conn`, giving up (and dropping the connection)
+    /// at `deadline`, or after a call timeout if that is later: a dead peer
+    /// can leave the outbox full for good, while a slow link only drains it
+    /// slowly.
+    async fn send_within(&self, conn: &Arc<Conn>, frame: &Frame, deadline: Instant) -> bool {
+        let wait = deadline.saturating_duration_since(Instant::now()).max(self.inner.cfg.call_timeout);
+        match timeout(wait, conn.outbox.send(frame.clone())).await {
+            Ok(Ok(())) => true,
+            _ => {
+                conn.closed.store(true, Ordering::SeqCst);
+                conn.kill.notify_one();
+                self.drop_connection(conn).await;
+                false
+            }
+        }
     }
 
     async fn drop_connection(&self, dead: &Arc<Conn>) {
