@@ -252,7 +252,7 @@ remote on the same kind of private sshd. The scripts that start the peers are in
   the client's cache emptied (afs: venus restarted on an empty cache; sshfs/rclone: remounted, rclone's cache \
   removed) and the machine's page/dentry/inode caches dropped; **warm** = a second pass on the same mount.\n\
 - **2. warm read**: sequential read of the {size} file after it was read once (afs: served from the container \
-  file through the kernel); **2b** reads venus's container file directly.\n\
+  file through the kernel); **2b** reads venus's container file directly, alternating with 2 run for run.\n\
 - **3. cold read**: the same read right after a cold start (afs: the whole-file fetch); **3b** sends the same \
   bytes from disk over a plain loopback TCP socket into a file (page cache dropped first).\n\
 - **4. write-back**: write {size} in 1 MiB writes and close, until the server's copy has every byte (afs: the \
