@@ -18,14 +18,21 @@ fn create(name: &str) -> CreateReq {
     CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: true }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dropped_replies_are_retried_and_mutations_run_once() {
-    let dir = TestDir::new("dropped-reply");
-    let afsd = Afsd::start(dir.path());
+/// A fault-injecting proxy in front of `afsd`, and a client config that
+/// goes through it and notices a missing reply after 300 ms.
+async fn through_proxy(afsd: &Afsd) -> (Proxy, ClientConfig) {
     let proxy = Proxy::start(afsd.addr.clone()).await;
     let mut cfg = afsd.client_config();
     cfg.addr = proxy.addr.to_string();
     cfg.attempt_timeout = Duration::from_millis(300);
+    (proxy, cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_replies_are_retried_and_mutations_run_once() {
+    let dir = TestDir::new("dropped-reply");
+    let afsd = Afsd::start(dir.path());
+    let (proxy, cfg) = through_proxy(&afsd).await;
     let client = Client::connect(cfg).await.unwrap();
 
     // Exclusive create: a second execution would answer "exists".
@@ -65,10 +72,7 @@ async fn dropped_replies_are_retried_and_mutations_run_once() {
 async fn a_slow_server_is_waited_for_and_a_silent_one_is_not() {
     let dir = TestDir::new("slow-server");
     let afsd = Afsd::start(dir.path());
-    let proxy = Proxy::start(afsd.addr.clone()).await;
-    let mut cfg = afsd.client_config();
-    cfg.addr = proxy.addr.to_string();
-    cfg.attempt_timeout = Duration::from_millis(300);
+    let (proxy, mut cfg) = through_proxy(&afsd).await;
     cfg.call_timeout = Duration::from_secs(1);
     cfg.connect_timeout = Duration::from_millis(500);
     let client = Client::connect(cfg).await.unwrap();
@@ -163,10 +167,7 @@ async fn a_stuck_database_restarts_afsd_in_place() {
 async fn a_call_in_flight_across_a_restart_in_place_runs_once() {
     let dir = TestDir::new("stuck-db-inflight");
     let afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", "stall-db")]);
-    let proxy = Proxy::start(afsd.addr.clone()).await;
-    let mut cfg = afsd.client_config();
-    cfg.addr = proxy.addr.to_string();
-    cfg.attempt_timeout = Duration::from_millis(300);
+    let (proxy, cfg) = through_proxy(&afsd).await;
     let client = Client::connect(cfg).await.unwrap();
     proxy.delay_next_replies(1000, Duration::from_secs(4));
     let started = Instant::now();

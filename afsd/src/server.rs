@@ -14,7 +14,7 @@ use common::FsError;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -91,11 +91,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // recovery must hand it on again.
     let inherited = restart::inherited_listener()?;
     let listen_fd = Arc::new(AtomicI32::new(inherited.as_ref().map_or(-1, |l| l.as_raw_fd())));
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = Arc::new(AtomicBool::new(false));
     let watchdog = {
         let (listen_fd, stopping) = (listen_fd.clone(), stopping.clone());
         let limit = if stall_test { Duration::from_secs(1) } else { restart::STUCK_LIMIT };
-        let warned = std::sync::atomic::AtomicBool::new(false);
+        let warned = AtomicBool::new(false);
         Watchdog::start(&db.db, limit.min(Duration::from_secs(2)), move |stuck| {
             if stuck < limit {
                 if !warned.swap(true, Ordering::Relaxed) {

@@ -315,6 +315,19 @@ impl Volume {
     /// Like [`Volume::resolve`], for a caller with an open `dir` (and
     /// without noticing outside edits); `None` when the name does not exist.
     pub fn resolve_locked(&self, dir: &Dir, dir_fid: Fid, name: &str) -> Result<Option<(Fid, Object, Stat)>, FsError> {
+        let Some((st, kind, known)) = self.on_disk(dir, dir_fid, name)? else { return Ok(None) };
+        let fid = match known {
+            Some(fid) => fid,
+            None => self.adopt(dir_fid, name, kind, &st)?,
+        };
+        let obj = self.object(fid)?;
+        Ok(Some((fid, obj, st)))
+    }
+
+    /// What `name` is on disk now, and its fid if the server already knows
+    /// it as an object of that kind; `None` for a hidden or absent name and
+    /// for devices, FIFOs and sockets, which are not part of the volume.
+    fn on_disk(&self, dir: &Dir, dir_fid: Fid, name: &str) -> Result<Option<(Stat, FileKind, Option<Fid>)>, FsError> {
         if self.hidden(dir_fid, name) {
             return Ok(None);
         }
@@ -323,17 +336,12 @@ impl Volume {
             Err(FsError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
         };
-        // Devices, FIFOs and sockets are not part of the volume.
         let Some(kind) = Self::kind_of(&st) else { return Ok(None) };
-        let fid = match self.db.dirent(dir_fid, name)? {
-            Some(fid) => match self.db.object(fid)? {
-                Some(o) if o.kind == kind => fid,
-                _ => self.adopt(dir_fid, name, kind, &st)?,
-            },
-            None => self.adopt(dir_fid, name, kind, &st)?,
+        let known = match self.db.dirent(dir_fid, name)? {
+            Some(fid) => self.db.object(fid)?.filter(|o| o.kind == kind).map(|_| fid),
+            None => None,
         };
-        let obj = self.object(fid)?;
-        Ok(Some((fid, obj, st)))
+        Ok(Some((st, kind, known)))
     }
 
     /// The entries of an open directory, as they are on disk now (see
@@ -343,22 +351,10 @@ impl Volume {
         let mut entries = Vec::with_capacity(names.len());
         let mut found = Vec::new();
         for name in names {
-            if self.hidden(dir_fid, name) {
-                continue;
-            }
-            let st = match dir.lstat(name) {
-                Ok(st) => st,
-                Err(FsError::NotFound) => continue,
-                Err(e) => return Err(e),
-            };
-            let Some(kind) = Self::kind_of(&st) else { continue };
-            let known = match self.db.dirent(dir_fid, name)? {
-                Some(fid) => self.db.object(fid)?.filter(|o| o.kind == kind).map(|_| fid),
-                None => None,
-            };
-            match known {
-                Some(fid) => entries.push(DirEntry { name: name.clone(), fid, kind }),
-                None => found.push((name.clone(), kind, st)),
+            match self.on_disk(dir, dir_fid, name)? {
+                Some((_, kind, Some(fid))) => entries.push(DirEntry { name: name.clone(), fid, kind }),
+                Some((st, kind, None)) => found.push((name.clone(), kind, st)),
+                None => {}
             }
         }
         let fids = self.adopt_all(dir_fid, &found)?;
@@ -398,7 +394,7 @@ impl Volume {
                 .transaction(|(objects, dirents, meta)| {
                     let mut got = Vec::with_capacity(items.len());
                     for ((key, new_obj), fresh) in items.iter().zip(&fresh) {
-                        let (dir, name) = (dir, &new_obj.names[0].1);
+                        let name = &new_obj.names[0].1;
                         if let Some(v) = dirents.get(key)? {
                             let old = Fid(db::be_u64(&v));
                             if let Some(o) = objects.get(fid_key(old))? {

@@ -386,9 +386,7 @@ impl Client {
                 // call goes to a new connection.
                 let wait = inner.cfg.attempt_timeout.min(hard_deadline - Instant::now());
                 if self.ping_conn(&conn, wait).await.is_err() {
-                    conn.closed.store(true, Ordering::SeqCst);
-                    conn.kill.notify_one();
-                    self.drop_connection(&conn).await;
+                    self.abandon(&conn).await;
                     // Out of `pending` first: then no reply can slip past.
                     conn.pending.lock().unwrap().remove(&seq);
                     if let Ok(result) = rx.try_recv() {
@@ -425,12 +423,18 @@ impl Client {
         match timeout(wait, conn.outbox.send(frame.clone())).await {
             Ok(Ok(())) => true,
             _ => {
-                conn.closed.store(true, Ordering::SeqCst);
-                conn.kill.notify_one();
-                self.drop_connection(conn).await;
+                self.abandon(conn).await;
                 false
             }
         }
+    }
+
+    /// Gives up on a connection that stopped answering: its reader stops,
+    /// every call waiting on it reconnects and resends.
+    async fn abandon(&self, conn: &Arc<Conn>) {
+        conn.closed.store(true, Ordering::SeqCst);
+        conn.kill.notify_one();
+        self.drop_connection(conn).await;
     }
 
     async fn drop_connection(&self, dead: &Arc<Conn>) {
