@@ -237,3 +237,53 @@ async fn exclusive_create_has_exactly_one_winner() {
         holder.remove(RemoveReq { dir: Fid::ROOT, name, base: None }).await.unwrap();
     }
 }
+
+/// The server's own changes are never taken for edits behind its back. A
+/// store of a non-empty file installs the new content by a rename into its
+/// directory; checks of that directory running meanwhile (the watcher, other
+/// clients' calls in it) must not catch it half-way and give it a version
+/// nobody made, which clients then meet as a spurious conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_servers_own_stores_are_not_outside_edits() {
+    let dir = TestDir::new("own-stores");
+    let afsd = Afsd::start(dir.path());
+    let (a, b) = (afsd.client().await, afsd.client().await);
+    let d = a.mkdir(MkdirReq { dir: Fid::ROOT, name: "d".into(), mode: 0o755 }).await.unwrap().attr.fid;
+    let mut files = Vec::new();
+    for i in 0..4 {
+        let req = CreateReq { dir: d, name: format!("f{i}"), mode: 0o644, exclusive: true };
+        let made = a.create(req).await.unwrap().attr;
+        // Not empty from here on: later stores are staged and renamed in.
+        let version = store(&a, made.fid, made.version, b"first").await.unwrap().attr.version;
+        files.push((made.fid, version));
+    }
+    let writer = async {
+        for round in 0..150 {
+            for (fid, version) in files.iter_mut() {
+                let data = format!("round {round} of {fid}");
+                *version = store(&a, *fid, version.clone(), data.as_bytes()).await.unwrap().attr.version;
+            }
+        }
+    };
+    // Meanwhile another client keeps changing and looking in the same
+    // directory, each call checking it for outside edits under its lock.
+    let churn = async {
+        for i in 0..300 {
+            let name = format!("t{i}");
+            b.create(CreateReq { dir: d, name: name.clone(), mode: 0o644, exclusive: true }).await.unwrap();
+            b.lookup(LookupReq { dir: d, name: "f0".into() }).await.unwrap();
+            b.remove(RemoveReq { dir: d, name, base: None }).await.unwrap();
+        }
+    };
+    tokio::join!(writer, churn);
+    // Give the watcher time to look at the last events.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(afsd.stats()["outside_edits"].as_u64(), Some(0), "the server took its own changes for outside edits");
+    // And a real outside edit still counts.
+    std::fs::write(dir.path().join("export/d/f0"), "edited behind the server's back").unwrap();
+    let start = Instant::now();
+    while afsd.stats()["outside_edits"].as_u64() == Some(0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "an outside edit was not noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

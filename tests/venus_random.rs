@@ -50,6 +50,16 @@ fn paths(root: &Path) -> (Vec<String>, Vec<String>) {
     (files, dirs)
 }
 
+/// An entry in a few words, for failure messages.
+fn brief(e: Option<&Entry>) -> String {
+    match e {
+        None => "absent".into(),
+        Some(Entry::File { mode, data }) => format!("file {mode:o} of {} bytes", data.len()),
+        Some(Entry::Dir { mode }) => format!("dir {mode:o}"),
+        Some(Entry::Symlink(t)) => format!("symlink to {t}"),
+    }
+}
+
 fn errno<T>(r: std::io::Result<T>) -> Result<(), i32> {
     r.map(|_| ()).map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
@@ -63,6 +73,9 @@ fn run_seed(seed: u64, steps: usize) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let names = ["a", "b", "c", "data.bin", "notes.txt", "sub"];
     let (mut applied, mut refused, mut reads) = (0, 0, 0);
+    // The last operations, for the failure message: a failure seen only
+    // under load can then be read without replaying it.
+    let mut recent: std::collections::VecDeque<String> = Default::default();
     for step in 0..steps {
         let (files, dirs) = paths(&plain);
         let op = rng.below(10);
@@ -147,6 +160,10 @@ fn run_seed(seed: u64, steps: usize) {
                 continue;
             }
         };
+        if recent.len() == 25 {
+            recent.pop_front();
+        }
+        recent.push_back(format!("{step}: {desc}"));
         let want = apply(&plain);
         let got = apply(&m.mountpoint);
         assert_eq!(got, want, "seed {seed} step {step}: {desc}: mount and plain directory disagree on the result");
@@ -157,8 +174,13 @@ fn run_seed(seed: u64, steps: usize) {
         }
         let (a, b) = (snapshot(&m.mountpoint), snapshot(&plain));
         if a != b {
-            let diff: Vec<_> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).collect();
-            panic!("seed {seed} step {step}: after {desc}: trees differ at {diff:?}");
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).collect();
+            keys.sort();
+            keys.dedup();
+            let diff: Vec<String> =
+                keys.iter().map(|k| format!("{k}: mount {}, plain {}", brief(a.get(*k)), brief(b.get(*k)))).collect();
+            let recent: Vec<&String> = recent.iter().collect();
+            panic!("seed {seed} step {step}: after {desc}: trees differ at {diff:?}\nlast steps: {recent:#?}");
         }
     }
     eprintln!("seed {seed}: {applied} operations applied, {refused} refused alike, {reads} reads compared");

@@ -436,8 +436,14 @@ impl Service for Volume {
             }
         }
         let _ns = self.ns_lock.read().await;
-        let _g = self.lock(&[req.fid]).await;
         let result = async {
+            // Installing staged content renames into every directory holding
+            // a name of the file, and `execute` then records those
+            // directories' new state: their stripes are held too, or a check
+            // for outside edits (the watcher, another call) would catch a
+            // directory between the rename and the record and take the
+            // server's own change for an edit behind its back.
+            let _g = self.lock_with_parents(req.fid).await?;
             let (obj, st) = self.current(req.fid, true).await?;
             match obj.kind {
                 FileKind::File => {}

@@ -14,6 +14,9 @@ use tokio::net::{UnixListener, UnixStream};
 pub struct Stats {
     rpcs: Vec<AtomicU64>,
     reintegrated: Vec<AtomicU64>,
+    /// Objects found changed behind the server's back (each got a new
+    /// version); the server's own changes must never count here.
+    pub outside_edits: AtomicU64,
 }
 
 impl Default for Stats {
@@ -22,6 +25,7 @@ impl Default for Stats {
         Stats {
             rpcs: (0..n).map(|_| AtomicU64::new(0)).collect(),
             reintegrated: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            outside_edits: AtomicU64::new(0),
         }
     }
 }
@@ -58,6 +62,7 @@ pub fn snapshot(vol: &Volume) -> serde_json::Value {
         "volume_stamp": vol.stamp(),
         "objects": vol.db.objects.len(),
         "reply_cache": vol.db.replies.len(),
+        "outside_edits": vol.stats.outside_edits.load(Ordering::Relaxed),
         // Restarts in place after the database stopped (see `restart.rs`).
         "restarts": crate::restart::restarts(),
     })

@@ -201,6 +201,24 @@ impl Volume {
         guards
     }
 
+    /// The stripes of `fid` and of every directory holding a name of it.
+    /// Its names cannot change while its own stripe is held (renames, links
+    /// and removals hold it), so they are read under it, and the lock is
+    /// taken again, wider, until it covers them.
+    pub async fn lock_with_parents(&self, fid: Fid) -> Result<Guards<'_>, FsError> {
+        let mut want = vec![fid];
+        for _ in 0..8 {
+            let guards = self.lock(&want).await;
+            let parents: Vec<Fid> = self.object(fid)?.names.iter().map(|(p, _)| *p).collect();
+            if Volume::covered(&want, &parents) {
+                return Ok(guards);
+            }
+            drop(guards);
+            want.extend(parents);
+        }
+        Err(FsError::Io("the file kept moving between directories; try again".into()))
+    }
+
     pub fn covered(fids: &[Fid], more: &[Fid]) -> bool {
         let set: Vec<usize> = fids.iter().map(|f| (f.0 as usize) % STRIPES).collect();
         more.iter().all(|f| set.contains(&((f.0 as usize) % STRIPES)))
@@ -477,6 +495,7 @@ impl Volume {
             })
             .map_err(tx_err)?;
         tracing::info!(%fid, version = %obj.version, "object changed directly in the export");
+        self.stats.outside_edits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.callbacks.break_fids(&[fid], None).await;
         Ok(obj)
     }
