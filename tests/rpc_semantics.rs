@@ -105,10 +105,11 @@ async fn a_slow_server_is_waited_for_and_a_silent_one_is_not() {
 
 /// afsd dies after executing a mutation and before replying (a failpoint
 /// aborts it there); the client's retransmission to the restarted server gets
-/// the recorded reply instead of a second execution.
+/// the recorded reply instead of a second execution. `crash-in-commit` dies
+/// half-way through the commit's database writes: the restart finishes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_crash_before_reply_does_not_run_a_mutation_twice() {
-    for failpoint in ["crash-before-reply", "crash-after-commit"] {
+    for failpoint in ["crash-before-reply", "crash-after-commit", "crash-in-commit"] {
         let dir = TestDir::new("crash-before-reply");
         let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", &format!("{failpoint}:create"))]);
         let client = afsd.client().await;

@@ -474,7 +474,7 @@ fn afsd_killed_mid_reintegration() {
 /// committed the create of a file written offline (before applying it).
 #[test]
 fn afsd_crash_after_create_commit_during_reintegration() {
-    for fp in ["crash-after-commit:create", "crash-after-commit:store"] {
+    for fp in ["crash-after-commit:create", "crash-after-commit:store", "crash-in-commit:store"] {
         let dir = TestDir::new("rv-fp-create");
         let mut afsd = Afsd::start(dir.path());
         let a = seeded(&dir, &afsd, "a");

@@ -5,9 +5,9 @@
 //! 1. under the stripe locks of the objects involved, decide the outcome and
 //!    build a [`Plan`]: record changes, the reply, and an [`Intent`] saying
 //!    what to do on disk;
-//! 2. commit the plan, the reply and the intent in one sled transaction and
-//!    flush it (group commit) -- from here the mutation has happened, and a
-//!    retransmission gets the recorded reply;
+//! 2. commit the plan, the reply and the intent together (all or none after
+//!    a crash: [`db::Db::commit`]) and flush it (group commit) -- from here
+//!    the mutation has happened, and a retransmission gets the recorded reply;
 //! 3. apply the intent to the export (every intent is idempotent, so startup
 //!    recovery simply applies whatever intents are left);
 //! 4. record what the disk now looks like, drop the intent, break callbacks.
@@ -513,7 +513,7 @@ impl Volume {
             .map(|(d, n, _)| Ok((*d, n.clone(), self.db.dirent(*d, n)?)))
             .collect::<Result<_, FsError>>()?;
         let recorded: RecordedReply = Ok(reply.clone());
-        let intent_id = self.commit(xid, &plan.objects, &plan.dirents, plan.intent.as_ref(), &recorded)?;
+        let intent_id = self.commit(xid, kind, &plan.objects, &plan.dirents, plan.intent.as_ref(), &recorded)?;
         self.sync_or_die().await;
         self.failpoint("crash-after-commit", kind);
         let mut unsynced = None;
@@ -522,7 +522,7 @@ impl Volume {
                 Ok(fd) => unsynced = fd,
                 Err(e) => {
                     tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");
-                    if let Err(c) = self.commit(xid, &before, &before_dirents, None, &Err(e.clone())) {
+                    if let Err(c) = self.commit(xid, kind, &before, &before_dirents, None, &Err(e.clone())) {
                         die(&format!("cannot roll back a failed change: {c}"));
                     }
                     self.drop_intent(intent_id);
@@ -612,6 +612,7 @@ impl Volume {
     fn commit(
         &self,
         xid: &Xid,
+        kind: OpKind,
         objects: &[(Fid, Option<Object>)],
         dirents: &[(Fid, String, Option<Fid>)],
         intent: Option<&Intent>,
@@ -621,35 +622,19 @@ impl Volume {
             Some(_) => Some(self.db.db.generate_id().map_err(db_err)?),
             None => None,
         };
-        let objs: Vec<([u8; 8], Option<Vec<u8>>)> =
-            objects.iter().map(|(f, o)| (fid_key(*f), o.as_ref().map(db::encode))).collect();
-        let ents: Vec<(Vec<u8>, Option<[u8; 8]>)> =
-            dirents.iter().map(|(d, n, f)| (dirent_key(*d, n), f.map(|f| f.0.to_be_bytes()))).collect();
-        let reply_bytes = db::encode(reply);
-        let intent_bytes = intent.map(db::encode);
-        let db = &self.db;
-        (&db.objects, &db.dirents, &db.replies, &db.intents, &db.meta)
-            .transaction(|(t_obj, t_ent, t_rep, t_int, t_meta)| {
-                for (k, v) in &objs {
-                    match v {
-                        Some(v) => t_obj.insert(k, v.as_slice())?,
-                        None => t_obj.remove(k)?,
-                    };
-                }
-                for (k, v) in &ents {
-                    match v {
-                        Some(v) => t_ent.insert(k.as_slice(), v)?,
-                        None => t_ent.remove(k.as_slice())?,
-                    };
-                }
-                t_rep.insert(reply_key(xid.client, xid.seq), reply_bytes.as_slice())?;
-                if let (Some(id), Some(b)) = (intent_id, &intent_bytes) {
-                    t_int.insert(&id.to_be_bytes(), b.as_slice())?;
-                }
-                bump_stamp(t_meta)?;
-                Ok(())
-            })
-            .map_err(tx_err)?;
+        let commit = db::Commit {
+            objects: objects.iter().map(|(f, o)| (fid_key(*f), o.as_ref().map(db::encode))).collect(),
+            dirents: dirents.iter().map(|(d, n, f)| (dirent_key(*d, n), f.map(|f| f.0.to_be_bytes()))).collect(),
+            reply: (reply_key(xid.client, xid.seq), db::encode(reply)),
+            intent: intent_id.zip(intent.map(db::encode)),
+        };
+        self.db.commit(&commit, || {
+            if self.failpoint.as_deref().is_some_and(|f| f.starts_with("crash-in-commit")) {
+                // Tests: as if sled had written this much when the power went.
+                let _ = self.db.flush_now();
+                self.failpoint("crash-in-commit", kind);
+            }
+        })?;
         Ok(intent_id)
     }
 
@@ -949,7 +934,7 @@ fn sync_or_die_fd(fd: &std::fs::File) {
     }
 }
 
-fn die(why: &str) -> ! {
+pub fn die(why: &str) -> ! {
     tracing::error!("{why}; stopping so that recovery can repair the state at the next start");
     std::process::abort();
 }

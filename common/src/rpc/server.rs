@@ -3,8 +3,8 @@
 //!
 //! The in-memory table here catches duplicates of requests that are still
 //! running (they wait for the first execution) and of recent mutations. The
-//! service's [`Hooks::recorded_reply`] covers the rest: afsd writes each
-//! mutation's reply in the same sled transaction as the mutation, so a
+//! service's [`Hooks::recorded_reply`] covers the rest: afsd commits each
+//! mutation's reply together with the mutation, so a
 //! duplicate that arrives after a server restart still gets the original reply.
 
 use super::outbox::{Frame, Outbox};
