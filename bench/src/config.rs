@@ -50,6 +50,12 @@ pub struct Config {
     pub runs: usize,
     /// Runs of the Andrew benchmark (each a cold and a warm pass).
     pub andrew_runs: usize,
+    /// The same two for sshfs and rclone, which take 3-10 times as long as
+    /// afs at most workloads: with as many runs as afs the suite cannot end
+    /// within 15 minutes on 2 cores, and their figures are far enough from
+    /// ours that fewer runs change no conclusion.
+    pub peer_runs: usize,
+    pub peer_andrew_runs: usize,
     /// Size of the large file of workloads 2-4.
     pub big_mib: u64,
     /// Small files opened by workload 5.
@@ -100,6 +106,7 @@ impl Config {
         let root = workspace_root();
         let (runs, big, small, create, secs) =
             if quick { (2, 64, 1000, 1000, 1.0) } else { (3, 1024, 10_000, 10_000, 2.0) };
+        let runs = num("BENCH_RUNS", runs)?;
         let systems = match var("BENCH_SYSTEMS") {
             None => Kind::ALL.to_vec(),
             Some(s) => s.split(',').map(|k| Kind::parse(k.trim())).collect::<Result<Vec<_>>>()?,
@@ -135,6 +142,8 @@ impl Config {
             // Two by default: the Andrew passes on sshfs alone take ~40 s each, and
             // the whole suite has to stay under 15 minutes on 2 cores.
             andrew_runs: num("BENCH_ANDREW_RUNS", if quick { 1 } else { runs.min(2) })?,
+            peer_runs: num("BENCH_PEER_RUNS", runs.min(2))?,
+            peer_andrew_runs: num("BENCH_PEER_ANDREW_RUNS", 1)?,
             big_mib: num("BENCH_BIG_MIB", big)?,
             small_files: num("BENCH_SMALL_FILES", small)?,
             create_files: num("BENCH_CREATE_FILES", create)?,
@@ -159,12 +168,14 @@ impl Config {
         };
         if cfg.runs == 0
             || cfg.andrew_runs == 0
+            || cfg.peer_runs == 0
+            || cfg.peer_andrew_runs == 0
             || cfg.big_mib == 0
             || cfg.small_files == 0
             || cfg.create_files == 0
             || cfg.reint_ops < 2
         {
-            bail!("BENCH_RUNS, BENCH_ANDREW_RUNS, BENCH_BIG_MIB, BENCH_SMALL_FILES and BENCH_CREATE_FILES must be positive");
+            bail!("BENCH_RUNS, BENCH_ANDREW_RUNS, BENCH_PEER_RUNS, BENCH_PEER_ANDREW_RUNS, BENCH_BIG_MIB, BENCH_SMALL_FILES and BENCH_CREATE_FILES must be positive");
         }
         for b in ["afsd", "venus"] {
             if !cfg.bin_dir.join(b).exists() {
@@ -175,6 +186,24 @@ impl Config {
             }
         }
         Ok(cfg)
+    }
+
+    /// Runs per figure for `kind`.
+    pub fn runs_for(&self, kind: Kind) -> usize {
+        if matches!(kind, Kind::Sshfs | Kind::Rclone) {
+            self.peer_runs
+        } else {
+            self.runs
+        }
+    }
+
+    /// Andrew runs for `kind`.
+    pub fn andrew_runs_for(&self, kind: Kind) -> usize {
+        if matches!(kind, Kind::Sshfs | Kind::Rclone) {
+            self.peer_andrew_runs
+        } else {
+            self.andrew_runs
+        }
     }
 
     pub fn wants(&self, workload: u32) -> bool {

@@ -231,7 +231,8 @@ fn markdown(
         "{BEGIN}\n\
 ## Results\n\n\
 Machine: {machine}. One run of `bench/run.sh` took {elapsed:.0} s (after the build). Each cell is the median of \
-{runs} runs (Andrew: {andrew_runs} runs of a cold and a warm pass) with [min–max]; **bold** is the time relative to local disk (1.00× = as fast as local disk, 2.00× = takes \
+{runs} runs (Andrew: {andrew_runs} runs of a cold and a warm pass) with [min–max]; sshfs and rclone, 3-10 times \
+slower, get {peer_runs} runs (Andrew: {peer_andrew_runs}) so that the suite fits in 15 minutes. **bold** is the time relative to local disk (1.00× = as fast as local disk, 2.00× = takes \
 twice as long; for rates, local rate / rate).\n\n\
 {table}\n\
 {failures}\n\
@@ -271,6 +272,8 @@ remote on the same kind of private sshd. The scripts that start the peers are in
 {END}\n",
         runs = cfg.runs,
         andrew_runs = cfg.andrew_runs,
+        peer_runs = cfg.peer_runs,
+        peer_andrew_runs = cfg.peer_andrew_runs,
         jobs = cfg.andrew_jobs,
         small = cfg.small_files,
         create = cfg.create_files,

@@ -82,7 +82,7 @@ fn andrew_pass(cfg: &Config, sys: &System, verify: bool) -> Result<Vec<(String, 
 /// Workload 1: the Andrew benchmark, cold (client caches empty, page cache
 /// dropped) then warm (second pass on the same mount), `runs` times.
 pub fn andrew(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
-    for run in 0..cfg.andrew_runs {
+    for run in 0..cfg.andrew_runs_for(sys.kind) {
         sys.cold()?;
         for (pass, base) in [("cold", 0u32), ("warm", 10)] {
             let t = Instant::now();
@@ -139,7 +139,7 @@ pub fn cold_read(cfg: &Config, layout: &Layout, sys: &mut System, res: &mut Resu
     let size = cfg.big_bytes();
     let show = Show::Rate { mib: cfg.big_mib as f64 };
     let label = format!("3. cold read of a {} file (afs: whole-file fetch)", size_name(cfg.big_mib));
-    for _ in 0..cfg.runs {
+    for _ in 0..cfg.runs_for(sys.kind) {
         sys.cold()?;
         reset_memory(sys);
         let big = sys.root.join("big");
@@ -179,7 +179,7 @@ pub fn warm_read(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()
     };
     reset_memory(sys);
     let label = format!("2. warm read of a cached {} file", size_name(cfg.big_mib));
-    for _ in 0..cfg.runs {
+    for _ in 0..cfg.runs_for(sys.kind) {
         let (n, secs) = timed(|| read_all(&big))?;
         expect_size(n, size, &big)?;
         res.add((2, 0), &label, show, Some("warm read"), sys.kind, secs);
@@ -215,7 +215,7 @@ pub fn write_back(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<(
     let show = Show::Rate { mib: cfg.big_mib as f64 };
     let label = format!("4. write {} and close, until the server has it", size_name(cfg.big_mib));
     reset_memory(sys);
-    for run in 0..cfg.runs {
+    for run in 0..cfg.runs_for(sys.kind) {
         let name = format!("wb-{}-{run}", sys.kind.key());
         let path = sys.root.join(&name);
         let (_, secs) = timed(|| {
@@ -250,7 +250,7 @@ pub fn small_opens(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<
     let n = files.len() as f64;
     let label = format!("5. open+stat+close of {} cached small files", cfg.small_files);
     let before = if sys.kind == Kind::Afs { Some(sys.total_rpcs()?) } else { None };
-    for _ in 0..cfg.runs {
+    for _ in 0..cfg.runs_for(sys.kind) {
         let ((), secs) = timed(pass)?;
         res.add((5, 0), &label, Show::PerOp { n }, Some("open+stat"), sys.kind, secs);
     }
@@ -269,7 +269,7 @@ pub fn small_opens(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<
 /// Workload 6: create (and write and close) small files in one new directory.
 pub fn creates(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
     let label = format!("6. create {} small files in one directory", cfg.create_files);
-    for run in 0..cfg.runs {
+    for run in 0..cfg.runs_for(sys.kind) {
         let dir = sys.root.join(format!("create-{}-{run}", sys.kind.key()));
         std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         let ((), secs) = timed(|| {
