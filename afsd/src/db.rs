@@ -107,6 +107,8 @@ pub struct Commit {
     pub dirents: Vec<(Vec<u8>, Option<[u8; 8]>)>,
     pub reply: (Vec<u8>, Vec<u8>),
     pub intent: Option<(u64, Vec<u8>)>,
+    /// An intent this commit takes back (a rollback's: the change failed).
+    pub drop_intent: Option<u64>,
 }
 
 /// A recorded reply, as kept in the `replies` tree.
@@ -192,7 +194,8 @@ impl Db {
     /// the journal value is gone (and every write before its removal is
     /// there) or it is still there and `replay_journal` makes the writes
     /// again; they are plain puts and removes, so making them twice is
-    /// harmless. Readers without the writers' locks see each key change
+    /// harmless (the volume stamp then moves twice, which only makes clients
+    /// revalidate once more). Readers without the writers' locks see each key change
     /// alone: additions go before the removals, so a directory entry never
     /// names an object that is not there yet.
     ///
@@ -201,8 +204,10 @@ impl Db {
     /// runs in the middle of the writes (tests crash there).
     pub fn commit(&self, c: &Commit, half_way: impl FnOnce()) -> Result<(), FsError> {
         let id = self.db.generate_id().map_err(db_err)?.to_be_bytes();
-        self.journal.insert(id, encode(c)).map_err(db_err)?;
-        if let Err(e) = self.apply(c, half_way).and_then(|()| self.journal.remove(id).map(|_| ())) {
+        // Even a failed insert may have left the value behind, for the next
+        // start to replay: from here every failure stops the process.
+        let done = self.journal.insert(id, encode(c)).map(|_| ());
+        if let Err(e) = done.and_then(|()| self.apply(c, half_way)).and_then(|()| self.journal.remove(id).map(|_| ())) {
             crate::volume::die(&format!("a commit failed half-way: {e}"));
         }
         Ok(())
@@ -233,6 +238,9 @@ impl Db {
         self.replies.insert(c.reply.0.as_slice(), c.reply.1.as_slice())?;
         if let Some((id, intent)) = &c.intent {
             self.intents.insert(id.to_be_bytes(), intent.as_slice())?;
+        }
+        if let Some(id) = c.drop_intent {
+            self.intents.remove(id.to_be_bytes())?;
         }
         // Last: whoever sees the new stamp sees the change.
         self.meta.update_and_fetch(META_STAMP, |v| Some((v.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec()))?;
@@ -335,6 +343,7 @@ mod tests {
             dirents: vec![(dirent_key(Fid::ROOT, "new"), Some(fid_key(Fid(7)))), (dirent_key(Fid::ROOT, "old"), None)],
             reply: (reply_key(Uuid::nil(), 3), b"reply".to_vec()),
             intent: Some((42, b"intent".to_vec())),
+            drop_intent: None,
         }
     }
 

@@ -73,6 +73,19 @@ impl Volume {
         self.callbacks.promise(cx.client(), fid).ok()
     }
 
+    /// The file a store replaces, checked: a regular file still at the
+    /// store's base version. The caller holds its stripe.
+    async fn storable(&self, req: &StoreReq) -> Result<(Object, Stat), FsError> {
+        let (obj, st) = self.current(req.fid, true).await?;
+        match obj.kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(FsError::IsDir),
+            FileKind::Symlink => return Err(FsError::Invalid("cannot store into a symlink".into())),
+        }
+        check_base(self, req.fid, &obj, &st, Some(&req.base))?;
+        Ok((obj, st))
+    }
+
     /// Current object, stat and attributes of `fid`, noticing outside edits.
     async fn current(&self, fid: Fid, held: bool) -> Result<(Object, Stat), FsError> {
         let obj = self.object(fid)?;
@@ -396,6 +409,11 @@ impl Service for Volume {
         Ok(())
     }
 
+    /// Installing staged content renames into every directory holding a
+    /// name of the file, and `execute` then records those directories' new
+    /// state: their stripes are held too, or a check for outside edits (the
+    /// watcher, another call) would catch a directory between the rename and
+    /// the record and take the server's own change for an edit behind its back.
     async fn store(&self, cx: &CallContext, req: StoreReq) -> Result<EntryReply, FsError> {
         if req.mtime.is_some_and(|t| !t.is_valid()) {
             return Err(FsError::Invalid("mtime out of range".into()));
@@ -437,30 +455,32 @@ impl Service for Volume {
         }
         let _ns = self.ns_lock.read().await;
         let result = async {
-            // Installing staged content renames into every directory holding
-            // a name of the file, and `execute` then records those
-            // directories' new state: their stripes are held too, or a check
-            // for outside edits (the watcher, another call) would catch a
-            // directory between the rename and the record and take the
-            // server's own change for an edit behind its back.
-            let _g = self.lock_with_parents(req.fid).await?;
-            let (obj, st) = self.current(req.fid, true).await?;
-            match obj.kind {
-                FileKind::File => {}
-                FileKind::Dir => return Err(FsError::IsDir),
-                FileKind::Symlink => return Err(FsError::Invalid("cannot store into a symlink".into())),
-            }
-            check_base(self, req.fid, &obj, &st, Some(&req.base))?;
-            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
-            let (dir, dpath) = self.open_dir(parent)?;
+            // A fill writes in place and leaves the directories alone, so it
+            // needs the file's stripe only.
+            let mut guards = self.lock(&[req.fid]).await;
+            let (mut obj, mut st) = self.storable(&req).await?;
             let mode = req.mode.unwrap_or(st.mode) & 0o7777;
             let mtime = req.mtime.unwrap_or_else(Timestamp::now);
-            let file = match &content {
-                Content::Bytes(bytes) if self.fillable(&obj, &st) => {
+            if let Content::Bytes(bytes) = &content {
+                if self.fillable(&obj, &st) {
+                    let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+                    let (_, dpath) = self.open_dir(parent)?;
                     return self
                         .fill(cx, req.fid, obj, st, dpath.names().to_vec(), name, bytes.clone(), mode, mtime)
                         .await;
                 }
+            }
+            let parents: Vec<Fid> = obj.names.iter().map(|(p, _)| *p).collect();
+            if !Volume::covered(&[req.fid], &parents) {
+                drop(guards);
+                guards = self.lock_with_parents(req.fid).await?;
+                (obj, st) = self.storable(&req).await?;
+            }
+            let _guards = guards;
+            let mode = req.mode.unwrap_or(st.mode) & 0o7777;
+            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+            let (dir, dpath) = self.open_dir(parent)?;
+            let file = match &content {
                 Content::Bytes(bytes) => {
                     let (n, f) = self.stage_bytes(Some(&dir), bytes)?;
                     staging = Some(n);

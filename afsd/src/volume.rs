@@ -34,6 +34,13 @@ use uuid::Uuid;
 const STRIPES: usize = 1024;
 /// Longest parent chain followed when building a path (a loop guard).
 const MAX_DEPTH: usize = 4096;
+/// What a commit does to the intents tree: records the plan's intent (if
+/// any), or takes back one a failed change left (if any).
+enum IntentChange<'a> {
+    Record(Option<&'a Intent>),
+    TakeBack(Option<u64>),
+}
+
 /// Objects adopted per transaction (see [`Volume::adopt_all`]).
 const ADOPT_BATCH: usize = 256;
 
@@ -513,7 +520,14 @@ impl Volume {
             .map(|(d, n, _)| Ok((*d, n.clone(), self.db.dirent(*d, n)?)))
             .collect::<Result<_, FsError>>()?;
         let recorded: RecordedReply = Ok(reply.clone());
-        let intent_id = self.commit(xid, kind, &plan.objects, &plan.dirents, plan.intent.as_ref(), &recorded)?;
+        let intent_id = self.commit(
+            xid,
+            kind,
+            &plan.objects,
+            &plan.dirents,
+            IntentChange::Record(plan.intent.as_ref()),
+            &recorded,
+        )?;
         self.sync_or_die().await;
         self.failpoint("crash-after-commit", kind);
         let mut unsynced = None;
@@ -522,10 +536,18 @@ impl Volume {
                 Ok(fd) => unsynced = fd,
                 Err(e) => {
                     tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");
-                    if let Err(c) = self.commit(xid, kind, &before, &before_dirents, None, &Err(e.clone())) {
+                    // The intent goes in the same commit: recovery must not
+                    // redo a change the database no longer records.
+                    if let Err(c) = self.commit(
+                        xid,
+                        kind,
+                        &before,
+                        &before_dirents,
+                        IntentChange::TakeBack(intent_id),
+                        &Err(e.clone()),
+                    ) {
                         die(&format!("cannot roll back a failed change: {c}"));
                     }
-                    self.drop_intent(intent_id);
                     self.sync_or_die().await;
                     return Err(e);
                 }
@@ -615,9 +637,13 @@ impl Volume {
         kind: OpKind,
         objects: &[(Fid, Option<Object>)],
         dirents: &[(Fid, String, Option<Fid>)],
-        intent: Option<&Intent>,
+        intent: IntentChange,
         reply: &RecordedReply,
     ) -> Result<Option<u64>, FsError> {
+        let (intent, drop_intent) = match intent {
+            IntentChange::Record(i) => (i, None),
+            IntentChange::TakeBack(id) => (None, id),
+        };
         let intent_id = match intent {
             Some(_) => Some(self.db.db.generate_id().map_err(db_err)?),
             None => None,
@@ -627,6 +653,7 @@ impl Volume {
             dirents: dirents.iter().map(|(d, n, f)| (dirent_key(*d, n), f.map(|f| f.0.to_be_bytes()))).collect(),
             reply: (reply_key(xid.client, xid.seq), db::encode(reply)),
             intent: intent_id.zip(intent.map(db::encode)),
+            drop_intent,
         };
         self.db.commit(&commit, || {
             if self.failpoint.as_deref().is_some_and(|f| f.starts_with("crash-in-commit")) {
