@@ -5,6 +5,7 @@ mod callbacks;
 mod db;
 mod export;
 mod handles;
+mod inotify;
 mod ops;
 mod restart;
 mod server;

@@ -1,14 +1,15 @@
 //! Noticing edits made directly in the exported directory.
 //!
-//! inotify (through `notify`) reports paths; each is mapped back to the
-//! deepest object the server knows, and that object and its directory are
-//! checked against what the server last recorded. A difference gives the
-//! object a new version and breaks its callbacks, within about a second of
-//! the edit. Events caused by the server's own changes find nothing new.
+//! An inotify watch of the export (`inotify.rs`) reports paths; each is
+//! mapped back to the deepest object the server knows, and that object and
+//! its directory are checked against what the server last recorded. A
+//! difference gives the object a new version and breaks its callbacks,
+//! within about a second of the edit. Events caused by the server's own
+//! changes find nothing new.
 
+use crate::inotify::{self, Change};
 use crate::volume::Volume;
 use common::Fid;
-use notify::{RecursiveMode, Watcher};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,17 +20,18 @@ use tokio::sync::mpsc;
 /// writes costs one check.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
-pub fn start(vol: Arc<Volume>) -> Result<notify::RecommendedWatcher, notify::Error> {
+pub fn start(vol: Arc<Volume>) -> std::io::Result<inotify::Watch> {
     let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-        Ok(ev) => {
-            for p in ev.paths {
-                let _ = tx.send(p);
-            }
+    let skip = vol.staging_in_export.as_ref().map(PathBuf::from);
+    let watch = inotify::watch(vol.export.path(), skip, move |change| match change {
+        Change::Path(p) => {
+            let _ = tx.send(p);
         }
-        Err(e) => tracing::warn!("watch error: {e}"),
+        Change::Overflow => tracing::warn!(
+            "too many changes in the export at once: edits made behind the server's back meanwhile are \
+             noticed when their objects are next used"
+        ),
     })?;
-    watcher.watch(vol.export.path(), RecursiveMode::Recursive)?;
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let mut paths = BTreeSet::from([first]);
@@ -52,7 +54,7 @@ pub fn start(vol: Arc<Volume>) -> Result<notify::RecommendedWatcher, notify::Err
             }
         }
     });
-    Ok(watcher)
+    Ok(watch)
 }
 
 /// The deepest known object on the path, and its directory.
