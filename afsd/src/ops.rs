@@ -409,11 +409,6 @@ impl Service for Volume {
         Ok(())
     }
 
-    /// Installing staged content renames into every directory holding a
-    /// name of the file, and `execute` then records those directories' new
-    /// state: their stripes are held too, or a check for outside edits (the
-    /// watcher, another call) would catch a directory between the rename and
-    /// the record and take the server's own change for an edit behind its back.
     async fn store(&self, cx: &CallContext, req: StoreReq) -> Result<EntryReply, FsError> {
         if req.mtime.is_some_and(|t| !t.is_valid()) {
             return Err(FsError::Invalid("mtime out of range".into()));
@@ -455,31 +450,19 @@ impl Service for Volume {
         }
         let _ns = self.ns_lock.read().await;
         let result = async {
-            // A fill writes in place and leaves the directories alone, so it
-            // needs the file's stripe only.
-            let mut guards = self.lock(&[req.fid]).await;
-            let (mut obj, mut st) = self.storable(&req).await?;
+            let _g = self.lock(&[req.fid]).await;
+            let (obj, st) = self.storable(&req).await?;
             let mode = req.mode.unwrap_or(st.mode) & 0o7777;
             let mtime = req.mtime.unwrap_or_else(Timestamp::now);
+            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
+            let (dir, dpath) = self.open_dir(parent)?;
             if let Content::Bytes(bytes) = &content {
                 if self.fillable(&obj, &st) {
-                    let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
-                    let (_, dpath) = self.open_dir(parent)?;
                     return self
                         .fill(cx, req.fid, obj, st, dpath.names().to_vec(), name, bytes.clone(), mode, mtime)
                         .await;
                 }
             }
-            let parents: Vec<Fid> = obj.names.iter().map(|(p, _)| *p).collect();
-            if !Volume::covered(&[req.fid], &parents) {
-                drop(guards);
-                guards = self.lock_with_parents(req.fid).await?;
-                (obj, st) = self.storable(&req).await?;
-            }
-            let _guards = guards;
-            let mode = req.mode.unwrap_or(st.mode) & 0o7777;
-            let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
-            let (dir, dpath) = self.open_dir(parent)?;
             let file = match &content {
                 Content::Bytes(bytes) => {
                     let (n, f) = self.stage_bytes(Some(&dir), bytes)?;
@@ -513,6 +496,12 @@ impl Service for Volume {
                 reseen: [req.fid].into_iter().chain(obj.names.iter().map(|(p, _)| *p)).collect(),
                 breaks: vec![req.fid],
             };
+            // The install renames into the file's directories, whose
+            // stripes this store does not hold (holding them would make every
+            // store in a directory wait for the one before): until `execute`
+            // has recorded their new state, checks for outside edits leave
+            // them alone.
+            let _settling = self.settling(obj.names.iter().map(|(p, _)| *p).collect());
             match self.execute(&cx.xid, OpKind::Store, plan, Reply::Store(reply)).await? {
                 Reply::Store(r) => Ok(r),
                 _ => unreachable!(),

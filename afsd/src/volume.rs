@@ -34,6 +34,26 @@ use uuid::Uuid;
 const STRIPES: usize = 1024;
 /// Longest parent chain followed when building a path (a loop guard).
 const MAX_DEPTH: usize = 4096;
+/// See [`Volume::settling`].
+pub struct Settling<'a> {
+    vol: &'a Volume,
+    fids: Vec<Fid>,
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        let mut map = self.vol.settling.lock().unwrap();
+        for f in &self.fids {
+            if let Some(n) = map.get_mut(f) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(f);
+                }
+            }
+        }
+    }
+}
+
 /// What a commit does to the intents tree: records the plan's intent (if
 /// any), or takes back one a failed change left (if any).
 enum IntentChange<'a> {
@@ -139,6 +159,8 @@ pub struct Volume {
     /// Breaks sent by a client's changes and not yet acknowledged: the
     /// reply to the change waits for them, after its locks are released.
     pending_breaks: std::sync::Mutex<std::collections::HashMap<Uuid, Vec<tokio::task::JoinHandle<()>>>>,
+    /// Objects the server is changing without their stripes (see `settling`).
+    settling: std::sync::Mutex<std::collections::HashMap<Fid, usize>>,
     pub handles: Handles,
     pub stats: Stats,
     /// Export fsyncs deferred behind the log (see `settle.rs`).
@@ -167,6 +189,7 @@ impl Volume {
             export,
             callbacks: Arc::new(Callbacks::new(db.clone())),
             pending_breaks: Default::default(),
+            settling: Default::default(),
             handles: Handles::new(staging_path.clone()),
             db,
             server_id,
@@ -208,22 +231,15 @@ impl Volume {
         guards
     }
 
-    /// The stripes of `fid` and of every directory holding a name of it.
-    /// Its names cannot change while its own stripe is held (renames, links
-    /// and removals hold it), so they are read under it, and the lock is
-    /// taken again, wider, until it covers them.
-    pub async fn lock_with_parents(&self, fid: Fid) -> Result<Guards<'_>, FsError> {
-        let mut want = vec![fid];
-        for _ in 0..8 {
-            let guards = self.lock(&want).await;
-            let parents: Vec<Fid> = self.object(fid)?.names.iter().map(|(p, _)| *p).collect();
-            if Volume::covered(&want, &parents) {
-                return Ok(guards);
-            }
-            drop(guards);
-            want.extend(parents);
+    /// Marks `fids` as being changed by the server itself, without their
+    /// stripes held, until the returned guard is dropped: checks for outside
+    /// edits leave them alone meanwhile (see [`Volume::notice_external`]).
+    pub fn settling(&self, fids: Vec<Fid>) -> Settling<'_> {
+        let mut map = self.settling.lock().unwrap();
+        for f in &fids {
+            *map.entry(*f).or_default() += 1;
         }
-        Err(FsError::Io("the file kept moving between directories; try again".into()))
+        Settling { vol: self, fids }
     }
 
     pub fn covered(fids: &[Fid], more: &[Fid]) -> bool {
@@ -458,25 +474,41 @@ impl Volume {
     /// a new version and its promises are broken. `held` is true when the
     /// caller already holds the namespace lock and the object's stripe, and
     /// took `st` under them.
+    ///
+    /// An object the server is changing itself without its stripe (a
+    /// directory a store installs into) is left alone until that change has
+    /// recorded its new state. The price: an outside edit of that directory
+    /// within those few milliseconds is taken for part of the server's own.
     pub async fn notice_external(&self, fid: Fid, obj: Object, st: &Stat, held: bool) -> Result<Object, FsError> {
         if Seen::from(st).same_content(&obj.seen) {
             return Ok(obj);
-        }
-        if held {
-            return self.record_external(fid, obj, st).await;
         }
         // Judged again under the locks: a stat taken outside them may predate
         // a change the server has just recorded, and recording it would roll
         // `seen` back and bump the version of an object nobody touched. The
         // namespace lock keeps a directory rename from moving the path.
-        let _ns = self.ns_lock.read().await;
-        let _guard = self.lock(&[fid]).await;
-        let obj = self.object(fid)?;
-        match self.stat_of(fid) {
-            Ok(st) if !Seen::from(&st).same_content(&obj.seen) => self.record_external(fid, obj, &st).await,
-            // Unchanged, or gone (whoever looks next sees why).
-            _ => Ok(obj),
+        let (_ns, _guard) =
+            if held { (None, None) } else { (Some(self.ns_lock.read().await), Some(self.lock(&[fid]).await)) };
+        match self.unless_settling(fid) {
+            Some(Ok((obj, st))) if !Seen::from(&st).same_content(&obj.seen) => {
+                self.record_external(fid, obj, &st).await
+            }
+            Some(Ok((obj, _))) => Ok(obj),
+            // Being changed by the server, or gone (whoever looks next sees why).
+            None | Some(Err(_)) => Ok(obj),
         }
+    }
+
+    /// The object and its state on disk, read together with the check that
+    /// the server is not changing it without its stripe: a store that
+    /// registers (see `settling`) after this read renames only after it, and
+    /// one that finishes first has recorded the state this reads.
+    fn unless_settling(&self, fid: Fid) -> Option<Result<(Object, Stat), FsError>> {
+        let settling = self.settling.lock().unwrap();
+        if settling.contains_key(&fid) {
+            return None;
+        }
+        Some(self.object(fid).and_then(|obj| Ok((obj, self.stat_of(fid)?))))
     }
 
     /// Records `st` as an outside edit of `fid`. The caller holds the locks
@@ -666,12 +698,21 @@ impl Volume {
     }
 
     /// Records the on-disk state of objects just changed by the server itself.
+    /// Compare-and-swap: an object whose stripe the caller does not hold (a
+    /// directory a store installed into) may get a new version from another
+    /// call meanwhile, which a plain write would undo.
     fn reseen(&self, fids: &[Fid]) {
         for &fid in fids {
-            let Ok(Some(mut obj)) = self.db.object(fid) else { continue };
-            let Ok(st) = self.stat_of(fid) else { continue };
-            obj.seen = (&st).into();
-            let _ = self.db.objects.insert(fid_key(fid), db::encode(&obj));
+            for _ in 0..8 {
+                let Ok(Some(old)) = self.db.objects.get(fid_key(fid)) else { break };
+                let Ok(mut obj) = db::decode::<Object>(&old) else { break };
+                let Ok(st) = self.stat_of(fid) else { break };
+                obj.seen = (&st).into();
+                match self.db.objects.compare_and_swap(fid_key(fid), Some(&old), Some(db::encode(&obj))) {
+                    Ok(Ok(())) | Err(_) => break,
+                    Ok(Err(_)) => continue,
+                }
+            }
         }
     }
 
