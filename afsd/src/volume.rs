@@ -489,42 +489,45 @@ impl Volume {
         // namespace lock keeps a directory rename from moving the path.
         let (_ns, _guard) =
             if held { (None, None) } else { (Some(self.ns_lock.read().await), Some(self.lock(&[fid]).await)) };
-        match self.unless_settling(fid) {
-            Some(Ok((obj, st))) if !Seen::from(&st).same_content(&obj.seen) => {
-                self.record_external(fid, obj, &st).await
+        match self.record_if_changed(fid) {
+            Ok(Some(obj)) => {
+                tracing::info!(%fid, version = %obj.version, "object changed directly in the export");
+                self.stats.outside_edits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.callbacks.break_fids(&[fid], None).await;
+                Ok(obj)
             }
-            Some(Ok((obj, _))) => Ok(obj),
-            // Being changed by the server, or gone (whoever looks next sees why).
-            None | Some(Err(_)) => Ok(obj),
+            // Unchanged, being changed by the server itself, or gone
+            // (whoever looks next sees why).
+            Ok(None) | Err(_) => Ok(self.object(fid).unwrap_or(obj)),
         }
     }
 
-    /// The object and its state on disk, read together with the check that
-    /// the server is not changing it without its stripe: a store that
-    /// registers (see `settling`) after this read renames only after it, and
-    /// one that finishes first has recorded the state this reads.
-    fn unless_settling(&self, fid: Fid) -> Option<Result<(Object, Stat), FsError>> {
+    /// Compares the object with its state on disk and records a difference
+    /// as an outside edit (a new version); returns the object so changed.
+    /// The caller holds the locks. All of it happens under the settling
+    /// table's mutex: a store that starts settling the object after this
+    /// renames only after it, and one that finished has recorded the state
+    /// this reads, so neither is taken for an outside edit nor undone.
+    fn record_if_changed(&self, fid: Fid) -> Result<Option<Object>, FsError> {
         let settling = self.settling.lock().unwrap();
         if settling.contains_key(&fid) {
-            return None;
+            return Ok(None);
         }
-        Some(self.object(fid).and_then(|obj| Ok((obj, self.stat_of(fid)?))))
-    }
-
-    /// Records `st` as an outside edit of `fid`. The caller holds the locks
-    /// and has seen that `st` differs from `obj.seen`.
-    async fn record_external(&self, fid: Fid, obj: Object, st: &Stat) -> Result<Object, FsError> {
-        let mut obj = obj;
+        let mut obj = self.object(fid)?;
+        let st = self.stat_of(fid)?;
+        if Seen::from(&st).same_content(&obj.seen) {
+            return Ok(None);
+        }
         if obj.seen == Seen::default() {
             // Created by the server, which records what it made on disk only
             // after making it; a crash in between loses that record, not an
             // edit. Adopting the state as it is keeps the version.
-            obj.seen = st.into();
+            obj.seen = (&st).into();
             self.db.objects.insert(fid_key(fid), db::encode(&obj)).map_err(db_err)?;
-            return Ok(obj);
+            return Ok(None);
         }
         obj.version.increment(self.server_id);
-        obj.seen = st.into();
+        obj.seen = (&st).into();
         let encoded = db::encode(&obj);
         (&self.db.objects, &self.db.meta)
             .transaction(|(objects, meta)| {
@@ -533,10 +536,7 @@ impl Volume {
                 Ok(())
             })
             .map_err(tx_err)?;
-        tracing::info!(%fid, version = %obj.version, "object changed directly in the export");
-        self.stats.outside_edits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.callbacks.break_fids(&[fid], None).await;
-        Ok(obj)
+        Ok(Some(obj))
     }
 
     // ---- executing mutations --------------------------------------------------------
