@@ -76,7 +76,8 @@ impl Tree {
     /// Watches `dir` and every directory below it. A directory that goes
     /// away meanwhile is simply not watched. Watching a directory watched
     /// already returns its descriptor again, so this also corrects the paths
-    /// of a directory tree that was moved.
+    /// of a directory tree that was moved. Fails only if `dir` itself cannot
+    /// be watched.
     fn add_all(&mut self, dir: &Path) -> io::Result<()> {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
@@ -88,6 +89,9 @@ impl Tree {
             let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
             if wd < 0 {
                 let e = io::Error::last_os_error();
+                if d == dir {
+                    return Err(e);
+                }
                 match e.raw_os_error() {
                     Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::EACCES) => continue,
                     // Out of watches (fs.inotify.max_user_watches): say so once per directory.

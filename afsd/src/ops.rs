@@ -489,11 +489,12 @@ impl Service for Volume {
             attr.nlink = st.nlink;
             let reply = EntryReply { attr, promise: self.promise_for(cx, req.fid) };
             let staging = staging.clone().ok_or(FsError::Io("no staged content".into()))?;
+            let parents: Vec<Fid> = obj.names.iter().map(|(p, _)| *p).collect();
             let plan = Plan {
                 objects: vec![(req.fid, Some(new_obj))],
                 dirents: vec![],
                 intent: Some(Intent::Install { staging, dir: dpath.names().to_vec(), name, others }),
-                reseen: [req.fid].into_iter().chain(obj.names.iter().map(|(p, _)| *p)).collect(),
+                reseen: [req.fid].into_iter().chain(parents.iter().copied()).collect(),
                 breaks: vec![req.fid],
             };
             // The install renames into the file's directories, whose
@@ -501,7 +502,7 @@ impl Service for Volume {
             // store in a directory wait for the one before): until `execute`
             // has recorded their new state, checks for outside edits leave
             // them alone.
-            let _settling = self.settling(obj.names.iter().map(|(p, _)| *p).collect());
+            let _settling = self.settling(parents);
             match self.execute(&cx.xid, OpKind::Store, plan, Reply::Store(reply)).await? {
                 Reply::Store(r) => Ok(r),
                 _ => unreachable!(),

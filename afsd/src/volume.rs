@@ -496,9 +496,10 @@ impl Volume {
                 self.callbacks.break_fids(&[fid], None).await;
                 Ok(obj)
             }
-            // Unchanged, being changed by the server itself, or gone
-            // (whoever looks next sees why).
-            Ok(None) | Err(_) => Ok(self.object(fid).unwrap_or(obj)),
+            // Unchanged, being changed by the server itself, or gone from
+            // disk (whoever looks next sees why).
+            Ok(None) => Ok(self.object(fid).unwrap_or(obj)),
+            Err(e) => Err(e),
         }
     }
 
@@ -514,7 +515,7 @@ impl Volume {
             return Ok(None);
         }
         let mut obj = self.object(fid)?;
-        let st = self.stat_of(fid)?;
+        let Ok(st) = self.stat_of(fid) else { return Ok(None) };
         if Seen::from(&st).same_content(&obj.seen) {
             return Ok(None);
         }

@@ -17,6 +17,11 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Local, Kind::Afs, Kind::Sshfs, Kind::Rclone];
 
+    /// One of the file systems afs is compared with (see `peer_runs`).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Kind::Sshfs | Kind::Rclone)
+    }
+
     /// Short name, as in `BENCH_SYSTEMS`.
     pub fn key(self) -> &'static str {
         match self {
@@ -190,7 +195,7 @@ impl Config {
 
     /// Runs per figure for `kind`.
     pub fn runs_for(&self, kind: Kind) -> usize {
-        if matches!(kind, Kind::Sshfs | Kind::Rclone) {
+        if kind.is_peer() {
             self.peer_runs
         } else {
             self.runs
@@ -199,7 +204,7 @@ impl Config {
 
     /// Andrew runs for `kind`.
     pub fn andrew_runs_for(&self, kind: Kind) -> usize {
-        if matches!(kind, Kind::Sshfs | Kind::Rclone) {
+        if kind.is_peer() {
             self.peer_andrew_runs
         } else {
             self.andrew_runs

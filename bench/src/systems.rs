@@ -308,7 +308,7 @@ impl Drop for System {
 pub fn clean_leftovers(cfg: &Config, layout: &Layout) {
     for kind in Kind::ALL {
         let mnt = Layout::mountpoint(&cfg.dir, kind);
-        if matches!(kind, Kind::Sshfs | Kind::Rclone) && layout.peers.exists() {
+        if kind.is_peer() && layout.peers.exists() {
             let script = if kind == Kind::Sshfs { "peer-sshfs.sh" } else { "peer-rclone.sh" };
             let _ = Command::new("bash")
                 .arg(cfg.scripts.join(script))
