@@ -7,7 +7,7 @@ use crate::support::{Afsd, TestDir};
 use common::auth::{random_bytes, Key};
 use common::frame::{self, Hello, Message, MAGIC, PROTOCOL_VERSION};
 use common::proto::*;
-use common::rpc::{fetch_to_file, Client, ClientConfig, RpcError};
+use common::rpc::{fetch_to_file, Client, ClientConfig, RpcError, Sink};
 use common::{Fid, FsError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -368,6 +368,70 @@ async fn small_requests_overtake_a_large_transfer() {
     );
     assert!(worst * 4 < total, "small requests took {worst:?} while the whole fetch took {total:?}");
     assert_eq!(std::fs::read(dest_path(dir.path())).unwrap(), data, "fetched content matches");
+}
+
+/// Chunks are sent from the server's file when the reply goes out. A file
+/// cut short behind the server's back mid-fetch gives short chunks (which
+/// `fetch_to_file` refuses), never bytes that are not in it, and the
+/// connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_truncated_behind_the_server_mid_fetch_gives_short_chunks() {
+    let dir = TestDir::new("truncated-fetch");
+    let afsd = Afsd::start(dir.path());
+    let data: Vec<u8> = (0..3usize << 20).map(|i| (i % 251) as u8).collect();
+    let path = afsd.export.join("shrinks");
+    std::fs::write(&path, &data).unwrap();
+    let client = afsd.client().await;
+    let fid = client.lookup(LookupReq { dir: Fid::ROOT, name: "shrinks".into() }).await.unwrap().attr.fid;
+    let fetched = client.fetch(FetchReq { fid, inline_max: 1 << 20 }).await.unwrap();
+    assert_eq!(fetched.data[..], data[..1 << 20]);
+    let handle = fetched.handle.expect("more than one chunk");
+
+    // An outside edit truncates the file in place to 1.5 MiB.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(3 << 19).unwrap();
+    let len = 1 << 20;
+    let second = client.read_chunk(ReadChunkReq { handle, offset: 1 << 20, len }).await.unwrap();
+    let second = second.data.into_bytes().unwrap();
+    assert_eq!(second[..], data[1 << 20..3 << 19], "the chunk holds what is left, and only that");
+    let third = client.read_chunk(ReadChunkReq { handle, offset: 2 << 20, len }).await.unwrap();
+    assert!(third.data.is_empty(), "past the end a chunk is empty");
+    client.release(ReleaseReq { handle }).await.unwrap();
+
+    // The same connection then fetches the file, rewritten, whole.
+    std::fs::write(&path, &data).unwrap();
+    let dest = Arc::new(tempfile_in(dir.path()));
+    fetch_to_file(&client, fid, dest).await.unwrap();
+    assert_eq!(std::fs::read(dest_path(dir.path())).unwrap(), data);
+}
+
+/// A chunk lands in its file straight from the socket. When the file
+/// cannot take it, that call fails with the write's error, the rest of the
+/// payload is taken off the stream, and the connection goes on in step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_that_cannot_be_written_fails_its_call_not_the_connection() {
+    let dir = TestDir::new("landing-fails");
+    let afsd = Afsd::start(dir.path());
+    let data: Vec<u8> = (0..3usize << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(afsd.export.join("f"), &data).unwrap();
+    let client = afsd.client().await;
+    let fid = client.lookup(LookupReq { dir: Fid::ROOT, name: "f".into() }).await.unwrap().attr.fid;
+    let handle = client.fetch(FetchReq { fid, inline_max: 0 }).await.unwrap().handle.unwrap();
+
+    std::fs::write(dir.path().join("read-only"), b"").unwrap();
+    let read_only = Arc::new(std::fs::File::open(dir.path().join("read-only")).unwrap());
+    let len = 1 << 20;
+    let bad = Sink { file: read_only, offset: 0 };
+    let err = client.read_chunk_to(ReadChunkReq { handle, offset: 0, len }, bad).await.unwrap_err();
+    assert!(matches!(err, RpcError::Fs(_)), "the write's error, not a transport one: {err:?}");
+
+    let dest = Arc::new(tempfile_in(dir.path()));
+    for offset in [1u64 << 20, 2 << 20, 0] {
+        let sink = Sink { file: dest.clone(), offset };
+        let n = client.read_chunk_to(ReadChunkReq { handle, offset, len }, sink).await.unwrap();
+        assert_eq!(n, len as usize);
+    }
+    assert!(std::fs::read(dest_path(dir.path())).unwrap() == data, "the chunks landed where they belong");
+    client.release(ReleaseReq { handle }).await.unwrap();
 }
 
 fn dest_path(dir: &std::path::Path) -> std::path::PathBuf {

@@ -29,9 +29,6 @@ pub struct Handle {
     pub client: Uuid,
     pub file: Arc<File>,
     pub kind: Kind,
-    /// Chunk reads take turns (in arrival order): one sequential reader
-    /// keeps the kernel's readahead effective.
-    pub turn: Arc<tokio::sync::Mutex<()>>,
     last_used: Instant,
 }
 
@@ -52,10 +49,7 @@ impl Handles {
             return None;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        map.insert(
-            id,
-            Handle { client, file: Arc::new(file), kind, turn: Default::default(), last_used: Instant::now() },
-        );
+        map.insert(id, Handle { client, file: Arc::new(file), kind, last_used: Instant::now() });
         Some(id)
     }
 
@@ -70,12 +64,12 @@ impl Handles {
         Some(h.file.clone())
     }
 
-    /// The file and the reading turn of a fetch handle owned by `client`.
-    pub fn reader(&self, client: Uuid, id: u64) -> Option<(Arc<File>, Arc<tokio::sync::Mutex<()>>)> {
+    /// The file of a fetch handle owned by `client`.
+    pub fn reader(&self, client: Uuid, id: u64) -> Option<Arc<File>> {
         let mut map = self.map.lock().unwrap();
         let h = map.get_mut(&id).filter(|h| h.client == client && matches!(h.kind, Kind::Read))?;
         h.last_used = Instant::now();
-        Some((h.file.clone(), h.turn.clone()))
+        Some(h.file.clone())
     }
 
     /// Removes a handle. For a staged file the caller takes over its name.

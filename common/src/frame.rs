@@ -13,6 +13,7 @@
 //! an error, never a panic.
 
 use crate::error::FsError;
+use crate::payload::Payload;
 use crate::proto::{Push, Reply, Request, Xid};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -172,7 +173,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Vec<u8
 #[derive(Debug)]
 pub struct Outgoing {
     head: Vec<u8>,
-    payload: Bytes,
+    payload: Payload,
 }
 
 impl Outgoing {
@@ -188,25 +189,37 @@ impl Outgoing {
         &self.head
     }
 
-    pub fn payload(&self) -> &[u8] {
+    pub fn payload(&self) -> &Payload {
         &self.payload
     }
 }
 
-/// Where a message keeps its bulk bytes, for the kinds that carry them.
-fn payload_slot(msg: &mut Message) -> Option<&mut Bytes> {
+/// Takes the bulk bytes out of a message that carries them.
+fn take_payload(msg: &mut Message) -> Payload {
     match msg {
-        Message::Call { body: Request::StageWrite(w), .. } => Some(&mut w.data),
-        Message::Return { result: Ok(Reply::ReadChunk(c)), .. } => Some(&mut c.data),
-        Message::Return { result: Ok(Reply::Fetch(f)), .. } => Some(&mut f.data),
-        _ => None,
+        Message::Call { body: Request::StageWrite(w), .. } => std::mem::take(&mut w.data).into(),
+        Message::Return { result: Ok(Reply::ReadChunk(c)), .. } => std::mem::take(&mut c.data),
+        Message::Return { result: Ok(Reply::Fetch(f)), .. } => std::mem::take(&mut f.data).into(),
+        _ => Payload::default(),
     }
+}
+
+/// Puts a received payload into its message; false if the message carries
+/// none (or, but for a chunk, carries only bytes in memory).
+pub fn attach_payload(msg: &mut Message, payload: Payload) -> bool {
+    match (msg, payload) {
+        (Message::Return { result: Ok(Reply::ReadChunk(c)), .. }, p) => c.data = p,
+        (Message::Call { body: Request::StageWrite(w), .. }, Payload::Bytes(b)) => w.data = b,
+        (Message::Return { result: Ok(Reply::Fetch(f)), .. }, Payload::Bytes(b)) => f.data = b,
+        _ => return false,
+    }
+    true
 }
 
 /// Encodes a message sent after the handshake. The payload is shared with
 /// the message, not copied.
 pub fn encode_message(mut msg: Message) -> Result<Outgoing, FrameError> {
-    let payload = payload_slot(&mut msg).map(std::mem::take).unwrap_or_default();
+    let payload = take_payload(&mut msg);
     let mut head = Vec::with_capacity(256);
     head.extend_from_slice(&[0u8; 8]);
     rmp_serde::encode::write_named(&mut head, &msg).map_err(|e| FrameError::Malformed(e.to_string()))?;
@@ -223,6 +236,18 @@ pub fn encode_message(mut msg: Message) -> Result<Outgoing, FrameError> {
 /// Reads one message sent after the handshake. `Ok(None)` on a clean close
 /// between frames. The payload is read straight into its own buffer.
 pub async fn read_message_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
+    let Some((mut msg, payload_len)) = read_message_head(r).await? else { return Ok(None) };
+    let payload = read_payload(r, payload_len).await?;
+    if !attach_payload(&mut msg, payload.into()) && payload_len > 0 {
+        return Err(FrameError::Malformed("payload on a message without one".into()));
+    }
+    Ok(Some(msg))
+}
+
+/// Reads a message up to its payload: returns the message and the length
+/// of the payload that follows it on the stream, which the caller must
+/// consume next (with [`read_payload`], or by landing it in a file).
+pub async fn read_message_head<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Message, usize)>, FrameError> {
     let Some(len) = read_length(r).await? else { return Ok(None) };
     if len < 4 {
         return Err(FrameError::Malformed(format!("frame of {len} bytes has no body length")));
@@ -235,21 +260,20 @@ pub async fn read_message_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Optio
     }
     let mut body = vec![0u8; body_len];
     r.read_exact(&mut body).await.map_err(truncated)?;
-    let mut msg: Message = decode(&body)?;
-    let payload_len = len - 4 - body_len;
-    let mut payload = BytesMut::with_capacity(payload_len);
-    while payload.len() < payload_len {
-        let want = payload_len - payload.len();
+    let msg: Message = decode(&body)?;
+    Ok(Some((msg, len - 4 - body_len)))
+}
+
+/// Reads a payload of `len` bytes into a buffer of its own.
+pub async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Bytes, FrameError> {
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        let want = len - payload.len();
         if r.read_buf(&mut (&mut payload).limit(want)).await? == 0 {
             return Err(FrameError::Truncated);
         }
     }
-    match payload_slot(&mut msg) {
-        Some(slot) => *slot = payload.freeze(),
-        None if payload_len > 0 => return Err(FrameError::Malformed("payload on a message without one".into())),
-        None => {}
-    }
-    Ok(Some(msg))
+    Ok(payload.freeze())
 }
 
 /// Reads and decodes one message; a clean close is an error here.
@@ -294,7 +318,10 @@ mod tests {
 
     fn wire(out: &Outgoing) -> Vec<u8> {
         let mut bytes = out.head().to_vec();
-        bytes.extend_from_slice(out.payload());
+        match out.payload() {
+            Payload::Bytes(b) => bytes.extend_from_slice(b),
+            Payload::File(_) => panic!("the tests send bytes only"),
+        }
         bytes
     }
 
@@ -364,12 +391,14 @@ mod tests {
     fn chunk_payloads_travel_outside_the_body() {
         // 1 MiB of data costs 1 MiB on the wire, after a small head.
         let data = Bytes::from(vec![0xabu8; CHUNK_SIZE]);
-        let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: data.clone() })) };
+        let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: data.clone().into() })) };
         let out = encode_message(msg).unwrap();
         assert!(out.head().len() < 64, "head is {} bytes", out.head().len());
-        assert_eq!(out.payload(), &data[..]);
+        assert_eq!(out.payload().len(), data.len());
         match read_back(&wire(&out)).unwrap().unwrap() {
-            Message::Return { seq: 1, result: Ok(Reply::ReadChunk(c)) } => assert_eq!(c.data, data),
+            Message::Return { seq: 1, result: Ok(Reply::ReadChunk(c)) } => {
+                assert_eq!(c.data.into_bytes(), Some(data.clone()))
+            }
             other => panic!("unexpected {other:?}"),
         }
         let write = Message::Call {
@@ -397,7 +426,7 @@ mod tests {
             assert!(matches!(read_frame(&mut r).await, Err(FrameError::TooLarge(_))));
         });
         let data = Bytes::from(vec![0; MAX_FRAME + 1]);
-        let big = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data })) };
+        let big = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: data.into() })) };
         assert!(matches!(encode_message(big), Err(FrameError::TooLarge(_))));
     }
 
@@ -430,8 +459,10 @@ mod tests {
             assert!(read_frame(&mut empty).await.unwrap().is_none());
         });
         assert!(read_back(&[]).unwrap().is_none());
-        let chunk =
-            Message::Return { seq: 3, result: Ok(Reply::ReadChunk(Chunk { data: Bytes::from(vec![1u8; 100]) })) };
+        let chunk = Message::Return {
+            seq: 3,
+            result: Ok(Reply::ReadChunk(Chunk { data: Bytes::from(vec![1u8; 100]).into() })),
+        };
         let bytes = wire(&encode_message(chunk).unwrap());
         for cut in 1..bytes.len() {
             assert!(matches!(read_back(&bytes[..cut]), Err(FrameError::Truncated)), "cut at {cut}");

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod error;
 pub mod fid;
 pub mod frame;
+pub mod payload;
 pub mod proto;
 pub mod rpc;
 pub mod sled_watchdog;

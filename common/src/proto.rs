@@ -10,6 +10,7 @@
 use crate::attr::{Attr, DirEntry, FsStats, SetAttr, Timestamp};
 use crate::error::FsError;
 use crate::fid::Fid;
+pub use crate::payload::{FileSlice, Payload};
 use crate::version_vector::VersionVector;
 pub use bytes::Bytes;
 
@@ -131,8 +132,9 @@ pub struct ReadChunkReq {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Chunk {
+    /// The server sends a range of the fetched file (see `payload`).
     #[serde(skip)]
-    pub data: Bytes,
+    pub data: Payload,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

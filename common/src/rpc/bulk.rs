@@ -5,6 +5,7 @@
 //! chunk is written at its offset as it arrives.
 
 use super::client::{Client, RpcError};
+use super::landing::Sink;
 use crate::attr::Timestamp;
 use crate::error::FsError;
 use crate::fid::Fid;
@@ -48,38 +49,32 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
     Ok(reply)
 }
 
-/// Keeps [`FETCH_WINDOW`] chunk requests in flight and writes the chunks in
-/// order, one at a time: parallel writes to one file only contend on its
-/// inode lock, and sequential writes keep the page cache's writeback simple.
+/// Keeps [`FETCH_WINDOW`] chunk requests in flight. Each lands in `dest` at
+/// its offset as it arrives (see `landing`); they are checked in order.
 async fn fetch_rest(client: &Client, handle: u64, mut next: u64, size: u64, dest: &Arc<File>) -> Result<(), RpcError> {
     let mut inflight = VecDeque::new();
     loop {
         while next < size && inflight.len() < FETCH_WINDOW {
             let len = (size - next).min(CHUNK_SIZE as u64) as u32;
             let (c, offset) = (client.clone(), next);
+            let sink = Sink { file: dest.clone(), offset };
             inflight.push_back((
                 offset,
                 len,
-                tokio::spawn(async move { c.read_chunk(ReadChunkReq { handle, offset, len }).await }),
+                tokio::spawn(async move { c.read_chunk_to(ReadChunkReq { handle, offset, len }, sink).await }),
             ));
             next += len as u64;
         }
         let Some((offset, len, task)) = inflight.pop_front() else { return Ok(()) };
-        let chunk = match task.await {
+        let written = match task.await {
             Ok(r) => r?,
             Err(e) => return Err(RpcError::Protocol(format!("chunk task failed: {e}"))),
         };
-        if chunk.data.len() != len as usize {
+        if written != len as usize {
             return Err(RpcError::Fs(FsError::Io(format!(
-                "short chunk at {offset}: {} of {len} bytes (file changed on the server?)",
-                chunk.data.len()
+                "short chunk at {offset}: {written} of {len} bytes (file changed on the server?)"
             ))));
         }
-        let d = dest.clone();
-        tokio::task::spawn_blocking(move || d.write_all_at(&chunk.data, offset))
-            .await
-            .map_err(|e| RpcError::Protocol(e.to_string()))?
-            .map_err(io_err)?;
     }
 }
 

@@ -7,11 +7,13 @@
 //! also carries a cumulative acknowledgement (the highest seq below which every
 //! reply has arrived) so the server can forget old replies.
 
+use super::landing::{Landed, Lander, Sink, Sinks};
 use super::outbox::{Frame, Outbox};
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
-use crate::proto::{Operation, Push, Reply, Request, Xid};
+use crate::payload::{FileSlice, Payload};
+use crate::proto::{Operation, Push, ReadChunkReq, Reply, Request, Xid};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,6 +131,8 @@ struct Inner {
     reservation: Mutex<Option<(u64, u64, Reserve)>>,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     events: Mutex<Option<mpsc::UnboundedSender<ClientEvent>>>,
+    /// Where the chunk replies of calls in flight land (see `landing`).
+    sinks: Sinks,
 }
 
 /// Persists "sequence numbers below this one may have been used", durably,
@@ -177,6 +181,7 @@ impl Client {
                 outstanding: Mutex::new(BTreeMap::new()),
                 conn: tokio::sync::Mutex::new(None),
                 events: Mutex::new(None),
+                sinks: Sinks::default(),
             }),
         }
     }
@@ -299,6 +304,33 @@ impl Client {
             rx.await.map_err(|_| closed())
         };
         timeout(wait, round_trip).await.map_err(|_| RpcError::Timeout(wait))?
+    }
+
+    /// Reads a chunk into `sink`: the connection lands the payload in the
+    /// file straight from the socket. Returns the bytes written (fewer than
+    /// asked at the end of the file).
+    pub async fn read_chunk_to(&self, req: ReadChunkReq, sink: Sink) -> Result<usize, RpcError> {
+        let seq = self.allocate_sequence();
+        self.inner.sinks.lock().unwrap().insert(seq, sink.clone());
+        let reply = self.call_with_seq(seq, Request::ReadChunk(req)).await;
+        self.inner.sinks.lock().unwrap().remove(&seq);
+        self.unhold(seq);
+        match reply? {
+            Reply::ReadChunk(c) => match c.data {
+                Payload::File(landed) => Ok(landed.len),
+                // Read into memory (no pipe to be had): written here.
+                Payload::Bytes(b) => {
+                    let file = sink.file.clone();
+                    tokio::task::spawn_blocking(move || {
+                        std::os::unix::fs::FileExt::write_all_at(&*file, &b, sink.offset).map(|_| b.len())
+                    })
+                    .await
+                    .map_err(|e| RpcError::Protocol(e.to_string()))?
+                    .map_err(|e| RpcError::Fs(FsError::from(e)))
+                }
+            },
+            _ => Err(RpcError::Protocol("reply of the wrong kind to a chunk read".into())),
+        }
     }
 
     fn ack(&self) -> u64 {
@@ -482,7 +514,9 @@ impl Client {
         let manual_acks = cfg.manual_break_acks;
         let weak = Arc::downgrade(&self.inner);
         let outbox = conn.outbox.clone();
+        let sinks = self.inner.sinks.clone();
         tokio::spawn(async move {
+            let mut lander = None;
             let emit = |ev: ClientEvent| {
                 if let Some(inner) = weak.upgrade() {
                     if let Some(tx) = &*inner.events.lock().unwrap() {
@@ -492,7 +526,7 @@ impl Client {
             };
             loop {
                 let read = tokio::select! {
-                    r = frame::read_message_frame(&mut rd) => r,
+                    r = read_message(&mut rd, &sinks, &mut lander) => r,
                     _ = kill.notified() => break,
                 };
                 let msg: Message = match read {
@@ -542,6 +576,40 @@ impl Client {
         }
         Ok(conn)
     }
+}
+
+/// Reads the next message. A chunk reply whose call named a sink has its
+/// payload landed there, and says where it went.
+async fn read_message(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    sinks: &Sinks,
+    lander: &mut Option<Lander>,
+) -> Result<Option<Message>, FrameError> {
+    let Some((mut msg, len)) = frame::read_message_head(rd).await? else { return Ok(None) };
+    let sink = match &msg {
+        Message::Return { seq, result: Ok(Reply::ReadChunk(_)) } if len > 0 => sinks.lock().unwrap().get(seq).cloned(),
+        _ => None,
+    };
+    if lander.is_none() && sink.is_some() {
+        // Without a pipe (out of descriptors) the payload is read instead.
+        *lander = Lander::new().inspect_err(|e| tracing::warn!("no pipe to land chunks through: {e}")).ok();
+    }
+    let payload = match (sink, lander.as_mut()) {
+        (Some(sink), Some(lander)) => match lander.land(rd.as_ref(), len, &sink).await? {
+            Landed::Written => Payload::File(FileSlice { file: sink.file, offset: sink.offset, len }),
+            Landed::WriteFailed(e) => {
+                if let Message::Return { result, .. } = &mut msg {
+                    *result = Err(FsError::from(e));
+                }
+                return Ok(Some(msg));
+            }
+        },
+        _ => frame::read_payload(rd, len).await?.into(),
+    };
+    if !frame::attach_payload(&mut msg, payload) && len > 0 {
+        return Err(FrameError::Malformed("payload on a message without one".into()));
+    }
+    Ok(Some(msg))
 }
 
 /// Hello, challenge, proof, welcome. Returns the server's id.

@@ -3,9 +3,11 @@
 
 mod bulk;
 mod client;
+mod landing;
 mod outbox;
 mod server;
 
 pub use bulk::{fetch_to_file, store_from_file, store_request, store_with_seq, FETCH_WINDOW};
 pub use client::{Client, ClientConfig, ClientEvent, RpcError};
+pub use landing::Sink;
 pub use server::{BreakOutcome, Hooks, Pusher, RpcServer};

@@ -6,8 +6,12 @@
 //! one chunk already on the wire.
 
 use crate::frame::Outgoing;
+use crate::payload::{FileSlice, Payload};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter, Interest};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// Frames larger than this travel in the bulk queue.
@@ -28,7 +32,7 @@ pub struct Closed;
 impl Outbox {
     /// Starts the writer task on `w`. It ends when every `Outbox` clone is
     /// dropped or a write fails.
-    pub fn spawn<W: AsyncWrite + Unpin + Send + 'static>(w: W) -> Outbox {
+    pub fn spawn(w: OwnedWriteHalf) -> Outbox {
         let mut w = BufWriter::with_capacity(128 << 10, w);
         let (urgent, mut urgent_rx) = mpsc::channel::<Frame>(1024);
         // Two bulk frames queued keep the link busy without holding much memory.
@@ -83,8 +87,124 @@ impl Outbox {
 }
 
 /// The head goes through the buffer; a large payload goes straight to the
-/// socket (the buffer passes writes larger than itself through).
-async fn write<W: AsyncWrite + Unpin>(w: &mut BufWriter<W>, frame: &Outgoing) -> std::io::Result<()> {
+/// socket (the buffer passes writes larger than itself through), and a file
+/// range goes from the page cache to the socket.
+async fn write(w: &mut BufWriter<OwnedWriteHalf>, frame: &Outgoing) -> std::io::Result<()> {
     w.write_all(frame.head()).await?;
-    w.write_all(frame.payload()).await
+    match frame.payload() {
+        Payload::Bytes(b) => w.write_all(b).await,
+        Payload::File(slice) => {
+            w.flush().await?;
+            send_file(w.get_ref().as_ref(), slice).await
+        }
+    }
+}
+
+/// Sends a file range with `sendfile(2)` on the non-blocking socket,
+/// waiting for room whenever the socket's buffer is full.
+async fn send_file(sock: &TcpStream, slice: &FileSlice) -> std::io::Result<()> {
+    let (out_fd, in_fd) = (sock.as_raw_fd(), slice.file.as_raw_fd());
+    let mut offset = slice.offset as libc::off_t;
+    let end = offset + slice.len as libc::off_t;
+    while offset < end {
+        sock.writable().await?;
+        let sent = sock.try_io(Interest::WRITABLE, || {
+            let want = (end - offset) as usize;
+            // The file's pages may not be cached yet: reading them from disk
+            // blocks, so on the multi-threaded runtime this worker's other
+            // tasks move elsewhere meanwhile.
+            let mut call = || {
+                // SAFETY: both descriptors stay open for the call (the
+                // socket is borrowed, the file held by the slice), and
+                // `offset` is a valid off_t the kernel advances.
+                let n = unsafe { libc::sendfile(out_fd, in_fd, &mut offset, want) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            };
+            match tokio::runtime::Handle::current().runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(call),
+                _ => call(),
+            }
+        });
+        match sent {
+            Ok(0) => {
+                // The frame announced more bytes than the file now holds (an
+                // edit behind the server's back truncated it): the stream
+                // cannot be kept in step, so the connection ends here.
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file shrank while a chunk of it was being sent",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A file of `len` patterned bytes in a fresh temporary directory.
+    fn patterned_file(name: &str, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+        let dir = std::env::temp_dir().join(format!("outbox-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let path = dir.join("f");
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Sends `slice` on one end of a socket pair while the other end reads
+    /// all it gets; returns the send's result and the bytes received.
+    async fn send_and_receive(slice: FileSlice) -> (std::io::Result<()>, Vec<u8>) {
+        let (tx, mut rx) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let sent = send_file(&tx, &slice).await;
+        drop(tx);
+        (sent, reader.await.unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_range_arrives_whole_through_a_full_socket_buffer() {
+        // Larger than any socket buffer, from an offset, so the sender must
+        // wait for room and resume where sendfile stopped.
+        let (path, data) = patterned_file("whole", 9 << 20);
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let (offset, len) = (12345usize, (8 << 20) + 7);
+        let (sent, got) = send_and_receive(FileSlice { file, offset: offset as u64, len }).await;
+        sent.unwrap();
+        assert!(got == data[offset..offset + len], "received {} bytes, not the range", got.len());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_file_shorter_than_its_announced_range_is_an_error_not_a_hang() {
+        let (path, data) = patterned_file("short", 100_000);
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        let (sent, got) = send_and_receive(FileSlice { file, offset: 0, len: 200_000 }).await;
+        let err = sent.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+        assert_eq!(got, data, "what the file held was sent before the error");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
 }
