@@ -44,8 +44,10 @@ fn workloads() -> Vec<(u32, &'static str, Workload)> {
         (3, "cold read", workloads::cold_read),
         (2, "warm read", |c, _, s, r| workloads::warm_read(c, s, r)),
         (4, "write-back", |c, _, s, r| workloads::write_back(c, s, r)),
-        (5, "small opens", |c, _, s, r| workloads::small_opens(c, s, r)),
+        // 6 before 5: the files workload 6 creates are the cached files
+        // workload 5 opens.
         (6, "creates", |c, _, s, r| workloads::creates(c, s, r)),
+        (5, "small opens", |c, _, s, r| workloads::small_opens(c, s, r)),
         (7, "server scale", |c, _, s, r| scale::run(c, s.addr(), s.state_dir(), r)),
         (8, "reintegration", |c, _, s, r| workloads::reintegration(c, s, r)),
     ]
@@ -65,10 +67,9 @@ fn run() -> Result<()> {
         std::fs::remove_dir_all(&cfg.dir).with_context(|| format!("clear {}", cfg.dir.display()))?;
     }
     eprintln!(
-        "bench: preparing data in {} ({} file, {} small files, Andrew tree)",
+        "bench: preparing data in {} ({} file, Andrew tree)",
         cfg.dir.display(),
         workloads::size_name(cfg.big_mib),
-        cfg.small_files
     );
     workloads::prepare(&cfg, &layout)?;
     // Run private copies of the binaries: a rebuild of target/ during the
@@ -259,8 +260,8 @@ remote on the same kind of private sshd. The scripts that start the peers are in
 - **4. write-back**: write {size} in 1 MiB writes and close, until the server's copy has every byte (afs: the \
   store on close, which afsd fsyncs; rclone: includes its default 5 s write-back delay and the upload; local: \
   write and close, no fsync).\n\
-- **5. open+stat+close** of {small} small files whose content and attributes are cached (one warm-up pass first); \
-  per operation.\n\
+- **5. open+stat+close** of {small} small files whose content and attributes are cached: the files workload 6 \
+  has just created through the mount (one warm-up pass first); per operation.\n\
 - **6. create** {create} small files (create, write one line, close) in a new directory; per file. rclone \
   uploads them in the background afterwards (not timed).\n\
 - **7. server scale** (afs only): clients of the RPC library in one process, each with its own connection and \

@@ -52,6 +52,8 @@ pub struct System {
     pub root: PathBuf,
     /// The server's copy of `root` (what "the server has it" looks at).
     pub server_dir: PathBuf,
+    /// The directory of small files workload 6 made last, and how many.
+    pub created: Option<(PathBuf, usize)>,
     cfg: Config,
     layout: Layout,
     afsd: Option<Child>,
@@ -83,6 +85,7 @@ impl System {
             kind,
             root,
             server_dir,
+            created: None,
             cfg: cfg.clone(),
             layout: layout.clone(),
             afsd: None,
