@@ -323,7 +323,37 @@ impl Cache {
         }
         drop(sizes);
         self.persist(to, &node);
+        // Who refers to `from`: the directory its one name is in, and the
+        // children its own listing names. Only an object with several names
+        // (or one whose parent does not list it as expected) needs a look
+        // at every cached directory: with tens of thousands of cached
+        // entries that look, once per object a reintegration creates, was
+        // most of the reintegration's time.
+        let parent = node.parent.clone();
+        let children: Vec<Fid> = node.entries.iter().flat_map(|e| e.values().map(|(f, _)| *f)).collect();
+        let one_name = node.attr.kind == common::FileKind::Dir || node.attr.nlink <= 1;
         nodes.insert(to, node);
+        let listed_by_parent = parent.as_ref().is_some_and(|(p, name)| {
+            nodes.get(p).and_then(|d| d.entries.as_ref()).and_then(|e| e.get(name)).is_some_and(|(f, _)| *f == from)
+        });
+        if one_name && listed_by_parent {
+            let (p, name) = parent.expect("listed by its parent");
+            if let Some(dir) = nodes.get_mut(&p) {
+                if let Some(entry) = dir.entries.as_mut().and_then(|e| e.get_mut(&name)) {
+                    entry.0 = to;
+                }
+                self.persist(p, dir);
+            }
+            for child in children {
+                if let Some(n) = nodes.get_mut(&child).filter(|n| n.parent.as_ref().is_some_and(|(p, _)| *p == from)) {
+                    if let Some((p, _)) = n.parent.as_mut() {
+                        *p = to;
+                    }
+                    self.persist(child, n);
+                }
+            }
+            return;
+        }
         for (fid, n) in nodes.iter_mut() {
             let mut changed = false;
             if let Some((p, _)) = n.parent.as_mut().filter(|(p, _)| *p == from) {
@@ -636,6 +666,53 @@ mod tests {
         assert!(!dir.join("containers").join("7.fetch-abc").exists());
         let shards = std::fs::read_dir(dir.join("containers")).unwrap().count();
         assert_eq!(shards as u64, SHARDS);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn dir_node(fid: Fid, parent: Option<(Fid, &str)>, entries: &[(&str, Fid, FileKind)]) -> Node {
+        let mut attr = file_attr(fid, 0);
+        attr.kind = FileKind::Dir;
+        let mut n = Node::new(attr, parent.map(|(p, name)| (p, name.to_string())));
+        n.entries = Some(entries.iter().map(|(name, f, k)| (name.to_string(), (*f, *k))).collect());
+        n
+    }
+
+    /// A local fid that gets its server fid: the listing naming it and the
+    /// children naming it as parent follow, on the quick path (one name)
+    /// and on the full one (a file with a second name in another
+    /// directory); unrelated nodes keep what they had.
+    #[test]
+    fn renumbering_repoints_listings_and_children() {
+        let dir = std::env::temp_dir().join(format!("venus-cache-test-{}", Uuid::new_v4().simple()));
+        let cache = Cache::open(&dir, 1 << 30).unwrap();
+        let (d, f, linked, other) = (Fid::local(1), Fid::local(2), Fid::local(3), Fid::local(4));
+        let (d2, f2, linked2) = (Fid(502), Fid(503), Fid(504));
+        let file = FileKind::File;
+        cache.insert(Fid::ROOT, dir_node(Fid::ROOT, None, &[("d", d, FileKind::Dir), ("other", other, file)]));
+        cache.insert(d, dir_node(d, Some((Fid::ROOT, "d")), &[("f", f, file), ("l", linked, file)]));
+        cache.insert(f, Node::new(file_attr(f, 1), Some((d, "f".into()))));
+        let mut l = file_attr(linked, 1);
+        l.nlink = 2;
+        cache.insert(linked, Node::new(l, Some((d, "l".into()))));
+        cache.update(Fid::ROOT, |n| n.entries.as_mut().unwrap().insert("l2".into(), (linked, file)));
+        cache.insert(other, Node::new(file_attr(other, 1), Some((Fid::ROOT, "other".into()))));
+
+        cache.renumber(d, d2);
+        let entry = |dir: Fid, name: &str| cache.view(dir, |n| n.entries.as_ref().unwrap()[name].0).unwrap();
+        let parent = |fid: Fid| cache.view(fid, |n| n.parent.clone().unwrap().0).unwrap();
+        assert!(cache.view(d, |_| ()).is_none(), "the node moved");
+        assert_eq!(entry(Fid::ROOT, "d"), d2);
+        assert_eq!((parent(f), parent(linked)), (d2, d2));
+
+        cache.renumber(f, f2);
+        assert_eq!(entry(d2, "f"), f2);
+        assert_eq!(parent(f2), d2);
+
+        cache.renumber(linked, linked2);
+        assert_eq!((entry(d2, "l"), entry(Fid::ROOT, "l2")), (linked2, linked2), "both names follow");
+        assert_eq!(entry(Fid::ROOT, "other"), other);
+        assert_eq!(parent(other), Fid::ROOT);
+        drop(cache);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
