@@ -254,9 +254,10 @@ remote on the same kind of private sshd. The scripts that start the peers are in
   the client's cache emptied (afs: venus restarted on an empty cache; sshfs/rclone: remounted, rclone's cache \
   removed) and the machine's page/dentry/inode caches dropped; **warm** = a second pass on the same mount.\n\
 - **2. warm read**: sequential read of the {size} file after it was read once (afs: served from the container \
-  file through the kernel); **2b** reads venus's container file directly, alternating with 2 run for run.\n\
-- **3. cold read**: the same read right after a cold start (afs: the whole-file fetch); **3b** sends the same \
-  bytes from disk over a plain loopback TCP socket into a file (page cache dropped first).\n\
+  file through the kernel); **2b** reads venus's container file directly, alternating with 2 (each going first \
+  in every other pair). One read takes ~70 ms, so local disk and afs get {warm_reads} reads per run.\n\
+- **3. cold read**: the same read right after a cold start (afs: the whole-file fetch); **3b**, right after each \
+  afs run, sends the same bytes from disk over a plain loopback TCP socket into a file (page cache dropped first).\n\
 - **4. write-back**: write {size} in 1 MiB writes and close, until the server's copy has every byte (afs: the \
   store on close, which afsd fsyncs; rclone: includes its default 5 s write-back delay and the upload; local: \
   write and close, no fsync).\n\
@@ -272,6 +273,7 @@ remote on the same kind of private sshd. The scripts that start the peers are in
 - Peak memory: VmHWM from `/proc/PID/status`, reset through `/proc/PID/clear_refs` before each of workloads 2-4.\n\
 {END}\n",
         runs = cfg.runs,
+        warm_reads = workloads::WARM_READS_PER_RUN,
         andrew_runs = cfg.andrew_runs,
         peer_runs = cfg.peer_runs,
         peer_andrew_runs = cfg.peer_andrew_runs,

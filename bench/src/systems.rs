@@ -54,6 +54,9 @@ pub struct System {
     pub server_dir: PathBuf,
     /// The directory of small files workload 6 made last, and how many.
     pub created: Option<(PathBuf, usize)>,
+    /// Workload 3 has read the large file through this mount last: it is
+    /// as cached as this system caches it.
+    pub big_read: bool,
     cfg: Config,
     layout: Layout,
     afsd: Option<Child>,
@@ -86,6 +89,7 @@ impl System {
             root,
             server_dir,
             created: None,
+            big_read: false,
             cfg: cfg.clone(),
             layout: layout.clone(),
             afsd: None,
@@ -205,6 +209,7 @@ impl System {
     /// client's cache (a fresh mount with an empty cache directory) and the
     /// machine's page, dentry and inode caches.
     pub fn cold(&mut self) -> Result<()> {
+        self.big_read = false;
         match self.kind {
             Kind::Local => {}
             Kind::Afs => {
