@@ -122,10 +122,11 @@ fn run() -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let machine = format!("{}; load average {} before the run, {} after", machine(), load_before, loadavg());
     let subtitle = format!(
-        "{}{} file, median of {} runs, {}",
+        "{}{} file, median of {} runs (sshfs, rclone: {}), {}",
         if cfg.quick { "QUICK RUN, " } else { "" },
         workloads::size_name(cfg.big_mib),
         cfg.runs,
+        cfg.peer_runs,
         machine.split(';').next().unwrap_or("")
     );
     let mut failures = String::new();

@@ -526,7 +526,7 @@ impl Client {
             };
             loop {
                 let read = tokio::select! {
-                    r = read_message(&mut rd, &sinks, &mut lander) => r,
+                    r = read_message(&mut rd, &sinks, &pending, &mut lander) => r,
                     _ = kill.notified() => break,
                 };
                 let msg: Message = match read {
@@ -583,11 +583,20 @@ impl Client {
 async fn read_message(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     sinks: &Sinks,
+    pending: &Pending,
     lander: &mut Option<Lander>,
 ) -> Result<Option<Message>, FrameError> {
     let Some((mut msg, len)) = frame::read_message_head(rd).await? else { return Ok(None) };
+    // Landed once, and only for a call still waiting on this connection: a
+    // duplicate reply (to a resent call) or one for a call given up must not
+    // write into a file its owner may have moved on from. Those are read
+    // and handed on (or dropped) as bytes.
     let sink = match &msg {
-        Message::Return { seq, result: Ok(Reply::ReadChunk(_)) } if len > 0 => sinks.lock().unwrap().get(seq).cloned(),
+        Message::Return { seq, result: Ok(Reply::ReadChunk(_)) } if len > 0 => {
+            let waiting = pending.lock().unwrap().contains_key(seq);
+            let sink = sinks.lock().unwrap().remove(seq);
+            sink.filter(|_| waiting)
+        }
         _ => None,
     };
     if lander.is_none() && sink.is_some() {

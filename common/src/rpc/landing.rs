@@ -91,15 +91,8 @@ impl Lander {
             };
             left -= moved;
             if failed.is_none() {
-                // Page-cache writes can wait on writeback: on the
-                // multi-threaded runtime this worker's other tasks move
-                // elsewhere meanwhile.
-                let mut write = || self.pipe_to_file(moved, &sink.file, &mut at);
-                let written = match tokio::runtime::Handle::current().runtime_flavor() {
-                    tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(write),
-                    _ => write(),
-                };
-                if let Err(e) = written {
+                // Page-cache writes can wait on writeback.
+                if let Err(e) = super::blocking(|| self.pipe_to_file(moved, &sink.file, &mut at)) {
                     failed = Some(e);
                 }
             }

@@ -111,9 +111,8 @@ async fn send_file(sock: &TcpStream, slice: &FileSlice) -> std::io::Result<()> {
         let sent = sock.try_io(Interest::WRITABLE, || {
             let want = (end - offset) as usize;
             // The file's pages may not be cached yet: reading them from disk
-            // blocks, so on the multi-threaded runtime this worker's other
-            // tasks move elsewhere meanwhile.
-            let mut call = || {
+            // blocks.
+            super::blocking(|| {
                 // SAFETY: both descriptors stay open for the call (the
                 // socket is borrowed, the file held by the slice), and
                 // `offset` is a valid off_t the kernel advances.
@@ -123,11 +122,7 @@ async fn send_file(sock: &TcpStream, slice: &FileSlice) -> std::io::Result<()> {
                 } else {
                     Ok(n as usize)
                 }
-            };
-            match tokio::runtime::Handle::current().runtime_flavor() {
-                tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(call),
-                _ => call(),
-            }
+            })
         });
         match sent {
             Ok(0) => {
@@ -141,8 +136,48 @@ async fn send_file(sock: &TcpStream, slice: &FileSlice) -> std::io::Result<()> {
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The file cannot be spliced (its filesystem says EINVAL) or
+                // a read failed: the frame's head is out, so the rest goes
+                // the plain way, and only if that fails too does the
+                // connection end.
+                tracing::debug!("sendfile failed ({e}); reading the rest of the chunk instead");
+                return send_by_reading(sock, &slice.file, offset as u64, (end - offset) as usize).await;
+            }
         }
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from `offset` through a buffer.
+async fn send_by_reading(
+    sock: &TcpStream,
+    file: &std::fs::File,
+    mut offset: u64,
+    mut len: usize,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len.min(256 << 10)];
+    while len > 0 {
+        let want = len.min(buf.len());
+        let n = super::blocking(|| file.read_at(&mut buf[..want], offset))?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the file shrank while a chunk of it was being sent",
+            ));
+        }
+        let mut sent = 0;
+        while sent < n {
+            sock.writable().await?;
+            match sock.try_write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        offset += n as u64;
+        len -= n;
     }
     Ok(())
 }
@@ -194,6 +229,24 @@ mod tests {
         let (sent, got) = send_and_receive(FileSlice { file, offset: offset as u64, len }).await;
         sent.unwrap();
         assert!(got == data[offset..offset + len], "received {} bytes, not the range", got.len());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// The fallback when sendfile fails part-way: the rest through a buffer.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_plain_path_sends_the_same_range() {
+        let (path, data) = patterned_file("plain", 3 << 20);
+        let file = std::fs::File::open(&path).unwrap();
+        let (tx, mut rx) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (offset, len) = (777usize, (2 << 20) + 3);
+        send_by_reading(&tx, &file, offset as u64, len).await.unwrap();
+        drop(tx);
+        assert!(reader.await.unwrap() == data[offset..offset + len]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
