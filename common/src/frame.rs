@@ -204,16 +204,18 @@ fn take_payload(msg: &mut Message) -> Payload {
     }
 }
 
-/// Puts a received payload into its message; false if the message carries
-/// none (or, but for a chunk, carries only bytes in memory).
-pub fn attach_payload(msg: &mut Message, payload: Payload) -> bool {
+/// Puts a received payload into its message. A payload on a message that
+/// carries none (or, but for a chunk, carries only bytes in memory) is
+/// malformed; an empty one is nothing.
+pub fn attach_payload(msg: &mut Message, payload: Payload) -> Result<(), FrameError> {
     match (msg, payload) {
         (Message::Return { result: Ok(Reply::ReadChunk(c)), .. }, p) => c.data = p,
         (Message::Call { body: Request::StageWrite(w), .. }, Payload::Bytes(b)) => w.data = b,
         (Message::Return { result: Ok(Reply::Fetch(f)), .. }, Payload::Bytes(b)) => f.data = b,
-        _ => return false,
+        (_, p) if p.is_empty() => {}
+        _ => return Err(FrameError::Malformed("payload on a message without one".into())),
     }
-    true
+    Ok(())
 }
 
 /// Encodes a message sent after the handshake. The payload is shared with
@@ -238,9 +240,7 @@ pub fn encode_message(mut msg: Message) -> Result<Outgoing, FrameError> {
 pub async fn read_message_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Message>, FrameError> {
     let Some((mut msg, payload_len)) = read_message_head(r).await? else { return Ok(None) };
     let payload = read_payload(r, payload_len).await?;
-    if !attach_payload(&mut msg, payload.into()) && payload_len > 0 {
-        return Err(FrameError::Malformed("payload on a message without one".into()));
-    }
+    attach_payload(&mut msg, payload.into())?;
     Ok(Some(msg))
 }
 
@@ -394,7 +394,7 @@ mod tests {
         let msg = Message::Return { seq: 1, result: Ok(Reply::ReadChunk(Chunk { data: data.clone().into() })) };
         let out = encode_message(msg).unwrap();
         assert!(out.head().len() < 64, "head is {} bytes", out.head().len());
-        assert_eq!(out.payload().len(), data.len());
+        assert!(matches!(out.payload(), Payload::Bytes(b) if *b == data), "the payload is the chunk's bytes");
         match read_back(&wire(&out)).unwrap().unwrap() {
             Message::Return { seq: 1, result: Ok(Reply::ReadChunk(c)) } => {
                 assert_eq!(c.data.into_bytes(), Some(data.clone()))

@@ -320,13 +320,9 @@ impl Client {
                 Payload::File(landed) => Ok(landed.len),
                 // Read into memory (no pipe to be had): written here.
                 Payload::Bytes(b) => {
-                    let file = sink.file.clone();
-                    tokio::task::spawn_blocking(move || {
-                        std::os::unix::fs::FileExt::write_all_at(&*file, &b, sink.offset).map(|_| b.len())
-                    })
-                    .await
-                    .map_err(|e| RpcError::Protocol(e.to_string()))?
-                    .map_err(|e| RpcError::Fs(FsError::from(e)))
+                    super::blocking(|| std::os::unix::fs::FileExt::write_all_at(&*sink.file, &b, sink.offset))
+                        .map(|()| b.len())
+                        .map_err(|e| RpcError::Fs(FsError::from(e)))
                 }
             },
             _ => Err(RpcError::Protocol("reply of the wrong kind to a chunk read".into())),
@@ -615,9 +611,7 @@ async fn read_message(
         },
         _ => frame::read_payload(rd, len).await?.into(),
     };
-    if !frame::attach_payload(&mut msg, payload) && len > 0 {
-        return Err(FrameError::Malformed("payload on a message without one".into()));
-    }
+    frame::attach_payload(&mut msg, payload)?;
     Ok(Some(msg))
 }
 
