@@ -434,6 +434,43 @@ async fn a_chunk_that_cannot_be_written_fails_its_call_not_the_connection() {
     client.release(ReleaseReq { handle }).await.unwrap();
 }
 
+/// afsd answers a connection's chunk reads in the order they came: run in
+/// parallel, their replies would leave out of order, and the kernel would
+/// take the file's reads for random ones and stop reading ahead. On a
+/// current-thread runtime the tasks here wake in the order their replies
+/// arrive, and record it.
+#[tokio::test(flavor = "current_thread")]
+async fn chunk_reads_are_answered_in_the_order_they_were_asked() {
+    let dir = TestDir::new("chunk-order");
+    let afsd = Afsd::start(dir.path());
+    let chunk = 64usize << 10;
+    let data: Vec<u8> = (0..64 * chunk).map(|i| (i % 241) as u8).collect();
+    std::fs::write(afsd.export.join("f"), &data).unwrap();
+    let client = afsd.client().await;
+    let fid = client.lookup(LookupReq { dir: Fid::ROOT, name: "f".into() }).await.unwrap().attr.fid;
+    let handle = client.fetch(FetchReq { fid, inline_max: 0 }).await.unwrap().handle.unwrap();
+
+    for round in 0..5 {
+        let arrived = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..64usize {
+            let (c, arrived, data) = (client.clone(), arrived.clone(), data.clone());
+            set.spawn(async move {
+                let offset = (i * chunk) as u64;
+                let got = c.read_chunk(ReadChunkReq { handle, offset, len: chunk as u32 }).await.unwrap();
+                arrived.lock().unwrap().push(i);
+                assert_eq!(got.data.into_bytes().unwrap()[..], data[i * chunk..(i + 1) * chunk]);
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+        let arrived = arrived.lock().unwrap().clone();
+        assert_eq!(arrived, (0..64).collect::<Vec<_>>(), "round {round}: replies out of order");
+    }
+    client.release(ReleaseReq { handle }).await.unwrap();
+}
+
 fn dest_path(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("fetched")
 }

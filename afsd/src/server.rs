@@ -48,6 +48,13 @@ impl Hooks for Volume {
         self.stats.count(kind);
     }
 
+    /// A chunk read only looks up its handle and stats the file (the
+    /// writer sends the bytes), so it can run in the reader; in order, the
+    /// file's pages are read sequentially and readahead keeps ahead of them.
+    fn answered_in_order(&self, kind: OpKind) -> bool {
+        kind == OpKind::ReadChunk
+    }
+
     async fn before_reply(&self, xid: &Xid, kind: OpKind) {
         Volume::before_reply(self, xid, kind).await;
     }

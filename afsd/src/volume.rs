@@ -657,7 +657,14 @@ impl Volume {
     }
 
     pub async fn before_reply(&self, xid: &Xid, kind: OpKind) {
-        let pending = self.pending_breaks.lock().unwrap().remove(&xid.client).unwrap_or_default();
+        // Breaks come only from mutations, and only mutations wait for them:
+        // a read (a chunk read answered in the connection's reader, say) must
+        // not take up, and wait on, the breaks of a mutation the same client
+        // has running beside it.
+        let pending = match kind.mutates() {
+            true => self.pending_breaks.lock().unwrap().remove(&xid.client).unwrap_or_default(),
+            false => Vec::new(),
+        };
         for task in pending {
             let _ = task.await;
         }

@@ -41,6 +41,15 @@ pub trait Hooks: Send + Sync + 'static {
     fn acknowledged(&self, client: Uuid, seq: u64);
     /// Counts one request (duplicates included).
     fn count(&self, _kind: OpKind) {}
+    /// Calls of this kind are answered in the connection's reader, in the
+    /// order they arrived, instead of in a task of their own. Only for calls
+    /// whose handler never waits (no locks held by others, no disk): the
+    /// reader reads nothing else meanwhile. A transfer's chunk reads need
+    /// it: run in parallel, their replies leave out of order, so the file
+    /// is read out of order, which defeats the kernel's sequential readahead.
+    fn answered_in_order(&self, _kind: OpKind) -> bool {
+        false
+    }
     /// Awaited after a request ran (and released whatever it held) and
     /// before its reply is sent.
     fn before_reply(&self, _xid: &Xid, _kind: OpKind) -> impl Future<Output = ()> + Send {
@@ -222,6 +231,11 @@ impl<S: Service + Hooks> RpcServer<S> {
                         break Err(format!("request claims client {} on a connection of {client}", xid.client));
                     }
                     let permit = permits.clone().acquire_owned().await.expect("semaphore never closed");
+                    if self.service.answered_in_order(body.kind()) {
+                        self.call(conn, xid, ack, body, &outbox).await;
+                        drop(permit);
+                        continue;
+                    }
                     let (this, outbox) = (self.clone(), outbox.clone());
                     tokio::spawn(async move {
                         this.call(conn, xid, ack, body, &outbox).await;
