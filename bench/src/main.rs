@@ -120,7 +120,11 @@ fn run() -> Result<()> {
         eprintln!("bench: logs are in {} and {}", layout.logs.display(), layout.peers.display());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let machine = format!("{}; load average {} before the run, {} after", machine(), load_before, loadavg());
+    let mut machine = format!("{}; load average {} before the run, {} after", machine(), load_before, loadavg());
+    // bench/run.sh says how it kept the VM's memory steady (see there).
+    if let Ok(note) = std::env::var("BENCH_MEMORY_NOTE") {
+        machine = format!("{machine}; {note}");
+    }
     let subtitle = format!(
         "{}{} file, median of {} runs (sshfs, rclone: {}), {}",
         if cfg.quick { "QUICK RUN, " } else { "" },

@@ -136,7 +136,7 @@ pub fn cold_read(cfg: &Config, layout: &Layout, sys: &mut System, res: &mut Resu
     let show = Show::Rate { mib: cfg.big_mib as f64 };
     let label = format!("3. cold read of a {} file (afs: whole-file fetch)", size_name(cfg.big_mib));
     let dst = layout.scratch.join("raw-copy");
-    for _ in 0..cfg.runs_for(sys.kind) {
+    for run in 0..cfg.runs_for(sys.kind) {
         sys.cold()?;
         reset_memory(sys);
         let big = sys.root.join("big");
@@ -147,8 +147,16 @@ pub fn cold_read(cfg: &Config, layout: &Layout, sys: &mut System, res: &mut Resu
         if sys.kind == Kind::Afs {
             let _ = std::fs::remove_file(&dst);
             drop_caches();
-            let secs = raw_tcp_copy(&sys.server_dir.join("big"), &dst)?;
-            res.add((3, 1), "3b. baseline: raw TCP copy of the same bytes over loopback", show, None, Kind::Afs, secs);
+            let raw = raw_tcp_copy(&sys.server_dir.join("big"), &dst)?;
+            res.add((3, 1), "3b. baseline: raw TCP copy of the same bytes over loopback", show, None, Kind::Afs, raw);
+            let rate = |s: f64| cfg.big_mib as f64 / s;
+            eprintln!(
+                "bench:   cold read run {}: {:.0} MiB/s, raw TCP right after {:.0} MiB/s ({:.2}x)",
+                run + 1,
+                rate(secs),
+                rate(raw),
+                raw / secs
+            );
         }
         sys.big_read = true;
     }
