@@ -50,7 +50,7 @@ impl Hooks for Volume {
 
     /// A chunk read only looks up its handle and stats the file (the
     /// writer sends the bytes), so it can run in the reader; in order, the
-    /// file's pages are read sequentially and readahead keeps ahead of them.
+    /// file is read front to back, as sequential readahead expects.
     fn answered_in_order(&self, kind: OpKind) -> bool {
         kind == OpKind::ReadChunk
     }

@@ -580,9 +580,9 @@ impl Client {
 /// Runs a connection's reader on a thread of its own. The reader writes
 /// chunk payloads to their files as they arrive (see `landing`); page-cache
 /// writes block, and on a runtime worker each would first have to hand the
-/// worker's other tasks away (`block_in_place`), at a cost per write that
-/// slowed whole-file fetches by a tenth. Its socket stays with the runtime
-/// that opened it, whose driver wakes this thread.
+/// worker's other tasks away (`block_in_place`); here a write blocks only
+/// this thread. Its socket stays with the runtime that opened it, whose
+/// driver wakes this thread.
 fn spawn_reader(id: u64, reader: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     std::thread::Builder::new().name(format!("rpc-reader-{id}")).spawn(move || rt.block_on(reader))?;

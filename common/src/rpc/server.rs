@@ -45,8 +45,8 @@ pub trait Hooks: Send + Sync + 'static {
     /// order they arrived, instead of in a task of their own. Only for calls
     /// whose handler never waits (no locks held by others, no disk): the
     /// reader reads nothing else meanwhile. A transfer's chunk reads need
-    /// it: run in parallel, their replies leave out of order, so the file
-    /// is read out of order, which defeats the kernel's sequential readahead.
+    /// it: run in parallel, their replies leave out of order, and the file
+    /// is read out of order rather than front to back.
     fn answered_in_order(&self, _kind: OpKind) -> bool {
         false
     }
