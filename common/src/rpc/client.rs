@@ -582,9 +582,10 @@ impl Client {
 /// writes block, and on a runtime worker each would first have to hand the
 /// worker's other tasks away (`block_in_place`); here a write blocks only
 /// this thread. Its socket stays with the runtime that opened it, whose
-/// driver wakes this thread.
+/// driver wakes this thread. The reader uses no timer today; the thread's
+/// runtime has one anyway, so one added later is not a panic.
 fn spawn_reader(id: u64, reader: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     std::thread::Builder::new().name(format!("rpc-reader-{id}")).spawn(move || rt.block_on(reader))?;
     Ok(())
 }
