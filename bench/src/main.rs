@@ -271,7 +271,8 @@ remote on the same kind of private sshd. The scripts that start the peers are in
 - **6. create** {create} small files (create, write one line, close) in a new directory; per file. rclone \
   uploads them in the background afterwards (not timed).\n\
 - **7. server scale** (afs only): clients of the RPC library in one process, each with its own connection and \
-  identity.\n\
+  identity. **7c**: one of them creates a 4 KiB file and stores it, file after file (two durable commits each, as \
+  `cp` of a tree does through the mount): the server's share of Andrew's Copy, without FUSE or venus.\n\
 - **8. reintegration** (afs only): {reint_files} small files created and written (a create and a store \
   each) connected (8b), then the same while `venus disconnect`ed (8c, logged), then the time `venus reconnect` \
   takes to reintegrate the log (8). At most two runs.\n\

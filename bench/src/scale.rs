@@ -3,10 +3,11 @@
 //! for one callback break to reach 64 holders.
 
 use crate::config::Config;
-use crate::results::Results;
+use crate::config::Kind;
+use crate::results::{Results, Show};
 use anyhow::{bail, Context, Result};
 use common::auth::Key;
-use common::proto::{FetchReq, LookupReq, Push, StoreData, StoreReq};
+use common::proto::{CreateReq, FetchReq, LookupReq, MkdirReq, Push, StoreData, StoreReq};
 use common::rpc::{Client, ClientConfig, ClientEvent};
 use common::{Fid, VersionVector};
 use std::path::Path;
@@ -18,6 +19,8 @@ use uuid::Uuid;
 
 const FILES: usize = 64;
 const HOLDERS: usize = 64;
+/// Files created and stored per run of the single-client round trip.
+const ROUND_TRIP_FILES: usize = 400;
 
 async fn client(addr: &str, key: &Key) -> Result<Client> {
     let mut cfg = ClientConfig::new(addr, key.clone(), Uuid::new_v4());
@@ -161,6 +164,37 @@ pub fn run(cfg: &Config, addr: &str, state: &Path, res: &mut Results) -> Result<
             holders.len(),
             crate::results::median(&res.break_all).unwrap_or(0.0) * 1e3
         );
-        Ok(())
+        round_trips(cfg, &admin, scale, res).await
     })
+}
+
+/// One client creating small files and storing each, one after the other
+/// (what `cp` of a tree does), over the RPC library alone: the server's part
+/// of a file copied through the mount, without FUSE or venus. Each file is
+/// two durable commits.
+async fn round_trips(cfg: &Config, c: &Client, scale: Fid, res: &mut Results) -> Result<()> {
+    let dir = c.mkdir(MkdirReq { dir: scale, name: "round-trips".into(), mode: 0o755 }).await?.attr.fid;
+    let label = "7c. afs, one client: create + store of a 4 KiB file over the RPC library (no FUSE, no venus)";
+    let body: Vec<u8> = vec![5u8; 4096];
+    for run in 0..cfg.runs {
+        let start = Instant::now();
+        for i in 0..ROUND_TRIP_FILES {
+            let name = format!("f{run}-{i}");
+            let e = c.create(CreateReq { dir, name, mode: 0o644, exclusive: true }).await.context("create")?;
+            c.store(StoreReq {
+                fid: e.attr.fid,
+                base: e.attr.version,
+                size: body.len() as u64,
+                data: StoreData::Inline(body.clone().into()),
+                mtime: None,
+                mode: None,
+            })
+            .await
+            .context("store")?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        res.add((7, 2), label, Show::PerOp { n: ROUND_TRIP_FILES as f64 }, None, Kind::Afs, secs);
+        eprintln!("bench:   create + store round trip: {:.0} µs per file", secs / ROUND_TRIP_FILES as f64 * 1e6);
+    }
+    Ok(())
 }
