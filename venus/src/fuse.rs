@@ -191,6 +191,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Closing a read-only handle stores nothing, so the kernel need not
+        // ask: a compile opens and closes hundreds of sources and headers.
+        let fopen = match flags.0 & libc::O_ACCMODE {
+            libc::O_RDONLY => FopenFlags::FOPEN_NOFLUSH,
+            _ => FopenFlags::empty(),
+        };
         match self.venus.open(fid(ino), flags.0) {
             Ok((fh, shared)) => {
                 if self.passthrough.load(Ordering::SeqCst) {
@@ -202,11 +208,11 @@ impl Filesystem for FuseAdapter {
                         }
                     }
                     if let Some(id) = backing.as_ref() {
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                        reply.opened_passthrough(FileHandle(fh), fopen, id);
                         return;
                     }
                 }
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                reply.opened(FileHandle(fh), fopen);
             }
             Err(e) => reply.error(e.into()),
         }
