@@ -2,8 +2,7 @@
 //! fetch and store small files as fast as the server lets them; then the time
 //! for one callback break to reach 64 holders.
 
-use crate::config::Config;
-use crate::config::Kind;
+use crate::config::{Config, Kind};
 use crate::results::{Results, Show};
 use anyhow::{bail, Context, Result};
 use common::auth::Key;

@@ -64,6 +64,13 @@ pub struct OpenFile {
     pub write: bool,
 }
 
+/// Whether `open(2)` flags give a handle that may write: only such a handle
+/// stores its file on close.
+pub fn opens_for_writing(flags: i32) -> bool {
+    let acc = flags & libc::O_ACCMODE;
+    acc == libc::O_WRONLY || acc == libc::O_RDWR
+}
+
 /// Counters shown by `venus status`.
 #[derive(Default)]
 pub struct Counters {
@@ -551,8 +558,7 @@ impl Venus {
     }
 
     fn open_once(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
-        let acc = flags & libc::O_ACCMODE;
-        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let write = opens_for_writing(flags);
         let truncate = write && flags & libc::O_TRUNC != 0;
         // One trip into the runtime: the content, then the stripe. Under the
         // stripe, the version read here is the one reintegration and stores

@@ -193,9 +193,9 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // Closing a read-only handle stores nothing, so the kernel need not
         // ask: a compile opens and closes hundreds of sources and headers.
-        let fopen = match flags.0 & libc::O_ACCMODE {
-            libc::O_RDONLY => FopenFlags::FOPEN_NOFLUSH,
-            _ => FopenFlags::empty(),
+        let fopen = match crate::fs::opens_for_writing(flags.0) {
+            true => FopenFlags::empty(),
+            false => FopenFlags::FOPEN_NOFLUSH,
         };
         match self.venus.open(fid(ino), flags.0) {
             Ok((fh, shared)) => {
