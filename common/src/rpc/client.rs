@@ -9,6 +9,7 @@
 
 use super::landing::{Landed, Lander, Sink, Sinks};
 use super::outbox::{Frame, Outbox};
+use super::socket::{self, ReadHalf};
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::frame::{self, FrameError, Hello, Message, MAGIC, PROTOCOL_VERSION};
@@ -497,7 +498,8 @@ impl Client {
         let server = handshake(&mut stream, cfg).await?;
         let id = self.inner.next_conn.fetch_add(1, Ordering::SeqCst);
         tracing::debug!(conn = id, %server, addr = %cfg.addr, "connected");
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) =
+            socket::split(stream).map_err(|e| RpcError::Unreachable(format!("cannot split the socket: {e}")))?;
         let conn = Arc::new(Conn {
             id,
             outbox: Outbox::spawn(wr),
@@ -521,9 +523,13 @@ impl Client {
                     }
                 }
             };
-            loop {
+            // Registered here, on the reader thread's own runtime, so that
+            // arriving bytes wake this thread directly.
+            let mut registered =
+                rd.register().inspect_err(|e| tracing::warn!(conn = id, "cannot watch the socket: {e}"));
+            while let Ok(rd) = &mut registered {
                 let read = tokio::select! {
-                    r = read_message(&mut rd, &sinks, &pending, &mut lander) => r,
+                    r = read_message(rd, &sinks, &pending, &mut lander) => r,
                     _ = kill.notified() => break,
                 };
                 let msg: Message = match read {
@@ -581,11 +587,11 @@ impl Client {
 /// chunk payloads to their files as they arrive (see `landing`); page-cache
 /// writes block, and on a runtime worker each would first have to hand the
 /// worker's other tasks away (`block_in_place`); here a write blocks only
-/// this thread. Its socket stays with the runtime that opened it, whose
-/// driver wakes this thread. The reader uses no timer today; the thread's
-/// runtime has one anyway, so one added later is not a panic.
+/// this thread. The thread's runtime watches the socket's read half itself
+/// (see `socket`). The reader uses no timer today; the runtime has one
+/// anyway, so one added later is not a panic.
 fn spawn_reader(id: u64, reader: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     std::thread::Builder::new().name(format!("rpc-reader-{id}")).spawn(move || rt.block_on(reader))?;
     Ok(())
 }
@@ -593,7 +599,7 @@ fn spawn_reader(id: u64, reader: impl Future<Output = ()> + Send + 'static) -> s
 /// Reads the next message. A chunk reply whose call named a sink has its
 /// payload landed there, and says where it went.
 async fn read_message(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut ReadHalf,
     sinks: &Sinks,
     pending: &Pending,
     lander: &mut Option<Lander>,
@@ -616,7 +622,7 @@ async fn read_message(
         *lander = Lander::new().inspect_err(|e| tracing::warn!("no pipe to land chunks through: {e}")).ok();
     }
     let payload = match (sink, lander.as_mut()) {
-        (Some(sink), Some(lander)) => match lander.land(rd.as_ref(), len, &sink).await? {
+        (Some(sink), Some(lander)) => match lander.land(rd, len, &sink).await? {
             Landed::Written => Payload::File(FileSlice { file: sink.file, offset: sink.offset, len }),
             Landed::WriteFailed(e) => {
                 if let Message::Return { result, .. } = &mut msg {

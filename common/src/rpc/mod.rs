@@ -6,6 +6,7 @@ mod client;
 mod landing;
 mod outbox;
 mod server;
+mod socket;
 
 pub use bulk::{fetch_to_file, store_from_file, store_request, store_with_seq, FETCH_WINDOW};
 pub use client::{Client, ClientConfig, ClientEvent, RpcError};

@@ -8,6 +8,7 @@
 //! duplicate that arrives after a server restart still gets the original reply.
 
 use super::outbox::{Frame, Outbox};
+use super::socket;
 use crate::auth::{random_bytes, Key, NONCE_LEN};
 use crate::error::FsError;
 use crate::fid::Fid;
@@ -209,7 +210,8 @@ impl<S: Service + Hooks> RpcServer<S> {
             .map_err(|_| "handshake timed out".to_string())??;
         let conn = self.next_conn.fetch_add(1, Ordering::SeqCst);
         tracing::info!(%client, conn, %peer, "client connected");
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = socket::split(stream).map_err(|e| format!("cannot split the socket: {e}"))?;
+        let mut rd = rd.register().map_err(|e| format!("cannot watch the socket: {e}"))?;
         let outbox = Outbox::spawn(wr);
         let pusher = Pusher {
             outbox: outbox.clone(),
