@@ -7,6 +7,7 @@ mod export;
 mod handles;
 mod inotify;
 mod ops;
+mod readahead;
 mod restart;
 mod server;
 mod settle;

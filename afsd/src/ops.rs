@@ -8,6 +8,7 @@
 use crate::db::Object;
 use crate::export::{Dir, Stat};
 use crate::handles::Kind;
+use crate::readahead;
 use crate::volume::{Intent, NewKind, Plan, Volume};
 use common::error::validate_name;
 use common::frame::CHUNK_SIZE;
@@ -15,6 +16,7 @@ use common::proto::*;
 use common::{Attr, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// The namespace lock, held shared or exclusive (for its `Drop` only).
@@ -341,8 +343,17 @@ impl Service for Volume {
         let inline = (req.inline_max as usize).min(CHUNK_SIZE) as u64;
         let first = attr.size.min(inline) as usize;
         let mut data = vec![0u8; first];
-        tokio::task::block_in_place(|| file.read_exact_at(&mut data, 0))?;
-        let handle = if attr.size > first as u64 {
+        let chunks_follow = attr.size > first as u64;
+        tokio::task::block_in_place(|| {
+            if chunks_follow {
+                // SAFETY: an advisory call on a valid descriptor.
+                unsafe {
+                    libc::posix_fadvise(file.as_raw_fd(), 0, readahead::AHEAD as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                };
+            }
+            file.read_exact_at(&mut data, 0)
+        })?;
+        let handle = if chunks_follow {
             Some(
                 self.handles
                     .insert(cx.client(), file, Kind::Read)
@@ -364,6 +375,9 @@ impl Service for Volume {
         // the end of the file the chunk is short, as a read would be.
         let size = file.metadata()?.len();
         let len = (req.len as u64).min(size.saturating_sub(req.offset)) as usize;
+        if let Some((offset, len)) = readahead::range_for(req.offset, len as u64) {
+            readahead::start(&file, offset, len);
+        }
         Ok(Chunk { data: Payload::File(FileSlice { file, offset: req.offset, len }) })
     }
 
