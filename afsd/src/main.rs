@@ -53,6 +53,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     common::tune_allocator();
+    common::raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

@@ -26,6 +26,23 @@ pub fn tune_allocator() {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard limit. Each
+/// connection holds two (its socket's halves, see `rpc::socket`) and each
+/// open transfer one more, so a server with many clients would reach a
+/// default soft limit of 1024 long before any real bound. Call once at the
+/// start of a binary; on failure the limit stays as it was.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read or write one struct through a
+    // valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// `FS_TOPDIR_FL` from linux/fs.h (not in the libc crate).
 const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
 
