@@ -16,7 +16,6 @@ use common::proto::*;
 use common::{Attr, Fid, FileKind, FsError, FsStats, Timestamp, VersionVector};
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// The namespace lock, held shared or exclusive (for its `Drop` only).
@@ -344,15 +343,15 @@ impl Service for Volume {
         let first = attr.size.min(inline) as usize;
         let mut data = vec![0u8; first];
         let chunks_follow = attr.size > first as u64;
-        tokio::task::block_in_place(|| {
-            if chunks_follow {
-                // SAFETY: an advisory call on a valid descriptor.
-                unsafe {
-                    libc::posix_fadvise(file.as_raw_fd(), 0, readahead::AHEAD as libc::off_t, libc::POSIX_FADV_WILLNEED)
-                };
+        if chunks_follow {
+            // Off the reply's path: the chunks asked for next find the
+            // disk already reading. Without a second descriptor the
+            // kernel's own readahead still serves them.
+            if let Ok(dup) = file.try_clone() {
+                readahead::start(&std::sync::Arc::new(dup), first as u64, readahead::AHEAD - first as u64);
             }
-            file.read_exact_at(&mut data, 0)
-        })?;
+        }
+        tokio::task::block_in_place(|| file.read_exact_at(&mut data, 0))?;
         let handle = if chunks_follow {
             Some(
                 self.handles

@@ -52,7 +52,10 @@ pub enum Landed {
 }
 
 /// Bytes a landing waits for before it wakes to move them (less at the end
-/// of a payload).
+/// of a payload). Linux grows the receive buffer to hold twice the mark,
+/// and while it does so caps the advertised window at the mark until its
+/// autotuning grows the buffer further: a cap of 512 KiB for the first
+/// round trips of a connection's first fetch, not a lasting bound.
 const LANDING_BATCH: usize = 512 << 10;
 
 /// Sets the socket's receive low-water mark: it reports itself readable

@@ -158,12 +158,40 @@ async fn send_file(sock: &WriteHalf, slice: &FileSlice) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether all `len` bytes of `fd` from `offset` are in the page cache, so
-/// that sending them will not wait on the disk. Asked with `cachestat(2)`
-/// (Linux 6.5); where the kernel lacks it the answer is no, and the caller
-/// takes the path that may block.
+/// Whether sending `len` bytes of `fd` from `offset` can go ahead without
+/// reading the disk: every page of the range is in the page cache
+/// (`cachestat(2)`, Linux 6.5), and its last page has been read in (a
+/// one-byte `preadv2` with `RWF_NOWAIT`: pages that readahead has only
+/// started count as cached before their bytes are there). A hint, not a
+/// promise: a page can still be evicted, or be in flight behind the last
+/// one, and the send then waits for that read on this worker. Where either
+/// call is missing the answer is no, and the caller takes the path that may
+/// block.
 fn all_cached(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
-    /// The same number on every architecture (new system calls share one table).
+    if len == 0 {
+        return true;
+    }
+    let last = offset + len as u64 - 1;
+    let mut byte = 0u8;
+    let iov = libc::iovec { iov_base: (&mut byte as *mut u8).cast(), iov_len: 1 };
+    // SAFETY: one iovec naming one writable byte, on an open descriptor.
+    let read_in = unsafe { libc::preadv2(fd, &iov, 1, last as libc::off_t, libc::RWF_NOWAIT) } == 1;
+    read_in && cached_pages(fd, offset, len)
+}
+
+/// `cachestat(2)` has number 451 in the table the architectures below
+/// share since Linux 5.1; elsewhere (alpha, mips, x32) it is not asked.
+#[cfg(any(
+    all(target_arch = "x86_64", target_pointer_width = "64"),
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+))]
+fn cached_pages(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
     const SYS_CACHESTAT: libc::c_long = 451;
     #[repr(C)]
     struct Range {
@@ -179,9 +207,6 @@ fn all_cached(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
         nr_evicted: u64,
         nr_recently_evicted: u64,
     }
-    if len == 0 {
-        return true;
-    }
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         p if p > 0 => p as u64,
@@ -194,6 +219,20 @@ fn all_cached(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
     let r = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const Range, &mut stat as *mut Stat, 0) };
     let pages = (offset + len as u64 - 1) / page - offset / page + 1;
     r == 0 && stat.nr_cache >= pages
+}
+
+#[cfg(not(any(
+    all(target_arch = "x86_64", target_pointer_width = "64"),
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "powerpc64",
+    target_arch = "s390x",
+    target_arch = "loongarch64"
+)))]
+fn cached_pages(_fd: std::os::fd::RawFd, _offset: u64, _len: usize) -> bool {
+    false
 }
 
 /// Sends `len` bytes of `file` from `offset` through a buffer.

@@ -10,7 +10,7 @@
 //! of the main runtime, which in turn woke the reader, two thread switches
 //! where one does (a 1 GiB fetch made thousands of them).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
@@ -73,11 +73,34 @@ impl ReadHalf {
 
 impl AsyncRead for ReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let fd = self.fd.as_raw_fd();
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|s| s.get_ref().read(unfilled)) {
+            // Received straight into the unfilled part, which is not zeroed
+            // first: a payload read in pieces would otherwise have all of
+            // its rest cleared for every piece.
+            // SAFETY: only the kernel writes there, and only the `n` bytes
+            // marked initialised below.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let len = unfilled.len();
+            let received = guard.try_io(|_| {
+                // SAFETY: a valid pointer to `len` writable bytes, on a
+                // descriptor this half keeps open.
+                match unsafe { libc::recv(fd, unfilled.as_mut_ptr().cast(), len, 0) } {
+                    n if n < 0 => Err(io::Error::last_os_error()),
+                    n => Ok(n as usize),
+                }
+            });
+            match received {
                 Ok(Ok(n)) => {
+                    if n > 0 && n < len {
+                        // Fewer bytes than asked for: the socket is drained,
+                        // and the next arrival raises a fresh edge. Waiting
+                        // for it saves a read that would only say EAGAIN.
+                        guard.clear_ready();
+                    }
+                    // SAFETY: recv initialised these `n` bytes.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -126,6 +149,15 @@ impl AsyncWrite for WriteHalf {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             other => other,
         })
+    }
+}
+
+impl Drop for WriteHalf {
+    /// Ends the sending direction even when the writer never shut it down
+    /// (it stopped on a failed write): the read half's descriptor keeps the
+    /// socket open, and the peer must still see the end of the stream.
+    fn drop(&mut self) {
+        let _ = self.fd.get_ref().shutdown(Shutdown::Write);
     }
 }
 
