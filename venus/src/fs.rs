@@ -601,8 +601,14 @@ impl Venus {
                 }
             }
         };
-        if truncate && shared.file.metadata()?.len() > 0 {
-            shared.file.set_len(0)?;
+        if truncate {
+            let emptied =
+                shared.file.metadata().and_then(|m| if m.len() > 0 { shared.file.set_len(0) } else { Ok(()) });
+            if let Err(e) = emptied {
+                // The open fails, so no release will come for it.
+                self.unopen(fid);
+                return Err(e.into());
+            }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, OpenFile { shared: shared.clone(), write });
@@ -782,6 +788,20 @@ impl Venus {
         let Some(h) = self.handles.lock().unwrap().remove(&fh) else { return Ok(()) };
         let fid = h.shared.fid();
         let result = if h.write { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
+        self.unopen(fid);
+        let fid = self.resolve(fid);
+        if !self.cache.contains(fid) {
+            // Removed while open: the container goes now.
+            let _ = std::fs::remove_file(self.cache.container_path(fid));
+            self.cache.drop_size(fid);
+        }
+        result
+    }
+
+    /// Counts one open of `fid` as ended (under the fid it was opened with,
+    /// or the server's, if reintegration has since renamed it); the last
+    /// one lets go of the shared container.
+    fn unopen(&self, fid: Fid) {
         let mut opened = self.opened.lock().unwrap();
         for key in [fid, self.resolve(fid)] {
             if let Some((count, _)) = opened.get_mut(&key) {
@@ -792,14 +812,6 @@ impl Venus {
                 break;
             }
         }
-        drop(opened);
-        let fid = self.resolve(fid);
-        if !self.cache.contains(fid) {
-            // Removed while open: the container goes now.
-            let _ = std::fs::remove_file(self.cache.container_path(fid));
-            self.cache.drop_size(fid);
-        }
-        result
     }
 
     /// Reads and writes for handles the kernel does not pass through.
