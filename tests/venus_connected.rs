@@ -347,3 +347,54 @@ fn sigterm_during_startup_leaves_no_mount_behind() {
         assert!(fs::read_dir(&mountpoint).is_ok(), "dead mount after SIGTERM at {delay_ms} ms");
     }
 }
+
+/// Sets or clears the immutable flag (`chattr +i`) of a file.
+fn set_immutable(path: &std::path::Path, on: bool) {
+    use std::os::fd::AsRawFd;
+    const FS_IMMUTABLE_FL: libc::c_int = 0x10;
+    let f = fs::File::open(path).unwrap();
+    let mut flags: libc::c_int = 0;
+    // SAFETY: both ioctls read or write one int (the kernel's width for
+    // these flags) through a valid pointer.
+    unsafe {
+        assert_eq!(libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags), 0, "get flags of {path:?}");
+        flags = if on { flags | FS_IMMUTABLE_FL } else { flags & !FS_IMMUTABLE_FL };
+        assert_eq!(libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags), 0, "set flags of {path:?}");
+    }
+}
+
+#[test]
+fn a_truncating_open_that_fails_loses_nothing_and_is_not_left_open() {
+    let dir = TestDir::new("failed-trunc-open");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    fs::write(a.path("f"), "kept").unwrap();
+    let reader = fs::File::open(a.path("f")).unwrap();
+    let entry = || -> serde_json::Value {
+        let ls: serde_json::Value = serde_json::from_str(&a.ok(&["cache", "ls", "--json"])).unwrap();
+        ls["objects"].as_array().unwrap().iter().find(|o| o["path"] == "/f").cloned().expect("/f is cached")
+    };
+    assert_eq!(entry()["open"], true, "{}", entry());
+    let fid = entry()["fid"].as_u64().unwrap().to_string();
+    let container = fs::read_dir(a.cache.join("containers"))
+        .unwrap()
+        .flat_map(|shard| fs::read_dir(shard.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str() == Some(fid.as_str()))
+        .expect("the container of /f");
+
+    // The container cannot be emptied, so the truncating open fails.
+    set_immutable(&container, true);
+    let opened = fs::OpenOptions::new().write(true).truncate(true).open(a.path("f"));
+    set_immutable(&container, false);
+    assert!(opened.is_err(), "an immutable container was emptied");
+
+    // Once the reader closes, nothing holds the file open.
+    drop(reader);
+    assert!(
+        crate::support::eventually(Duration::from_secs(10), || entry()["open"] == false),
+        "the failed open is still counted: {}",
+        entry()
+    );
+    assert_eq!(fs::read_to_string(a.path("f")).unwrap(), "kept");
+}
