@@ -348,7 +348,7 @@ impl Service for Volume {
             // disk already reading. Without a second descriptor the
             // kernel's own readahead still serves them.
             if let Ok(dup) = file.try_clone() {
-                readahead::start(&std::sync::Arc::new(dup), first as u64, readahead::AHEAD - first as u64);
+                readahead::start(std::sync::Arc::new(dup), first as u64, readahead::AHEAD - first as u64);
             }
         }
         tokio::task::block_in_place(|| file.read_exact_at(&mut data, 0))?;
@@ -375,7 +375,7 @@ impl Service for Volume {
         let size = file.metadata()?.len();
         let len = (req.len as u64).min(size.saturating_sub(req.offset)) as usize;
         if let Some((offset, len)) = readahead::range_for(req.offset, len as u64) {
-            readahead::start(&file, offset, len);
+            readahead::start(file.clone(), offset, len);
         }
         Ok(Chunk { data: Payload::File(FileSlice { file, offset: req.offset, len }) })
     }

@@ -29,8 +29,7 @@ pub fn range_for(offset: u64, len: u64) -> Option<(u64, u64)> {
 /// Starts reading `len` bytes of `file` at `offset` into the page cache.
 /// Submitting the reads can wait for room in the disk's queue, so it runs
 /// off the async workers; nothing waits for it.
-pub fn start(file: &Arc<File>, offset: u64, len: u64) {
-    let file = file.clone();
+pub fn start(file: Arc<File>, offset: u64, len: u64) {
     tokio::task::spawn_blocking(move || {
         // SAFETY: an advisory call on a descriptor the Arc keeps open.
         unsafe {
@@ -47,7 +46,8 @@ mod tests {
 
     #[test]
     fn each_step_crossed_asks_for_the_step_ahead_of_it() {
-        // The fetch itself asks for [0, AHEAD); chunks then keep it ahead.
+        // The fetch itself asks for what follows its first chunk up to
+        // AHEAD; chunks then keep it ahead.
         assert_eq!(range_for(MIB, MIB), None);
         assert_eq!(range_for(7 * MIB, MIB), Some((8 * MIB + AHEAD - STEP, STEP)));
         assert_eq!(range_for(8 * MIB, MIB), None);

@@ -94,14 +94,14 @@ async fn write(w: &mut BufWriter<WriteHalf>, frame: &Outgoing) -> std::io::Resul
         Payload::Bytes(b) => w.write_all(b).await,
         Payload::File(slice) => {
             w.flush().await?;
-            send_file(w.get_ref(), slice).await
+            send_file(w.get_mut(), slice).await
         }
     }
 }
 
 /// Sends a file range with `sendfile(2)` on the non-blocking socket,
 /// waiting for room whenever the socket's buffer is full.
-async fn send_file(sock: &WriteHalf, slice: &FileSlice) -> std::io::Result<()> {
+async fn send_file(sock: &mut WriteHalf, slice: &FileSlice) -> std::io::Result<()> {
     let in_fd = slice.file.as_raw_fd();
     let mut offset = slice.offset as libc::off_t;
     let end = offset + slice.len as libc::off_t;
@@ -179,9 +179,9 @@ fn all_cached(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
     read_in && cached_pages(fd, offset, len)
 }
 
-/// `cachestat(2)` has number 451 in the table the architectures below
-/// share since Linux 5.1; elsewhere (alpha, mips, x32) it is not asked.
-#[cfg(any(
+/// `cachestat(2)`'s number in the table the architectures below share since
+/// Linux 5.1; elsewhere (alpha, mips, x32) it is not asked.
+const SYS_CACHESTAT: Option<libc::c_long> = if cfg!(any(
     all(target_arch = "x86_64", target_pointer_width = "64"),
     target_arch = "x86",
     target_arch = "aarch64",
@@ -190,9 +190,14 @@ fn all_cached(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
     target_arch = "powerpc64",
     target_arch = "s390x",
     target_arch = "loongarch64"
-))]
+)) {
+    Some(451)
+} else {
+    None
+};
+
+/// Whether every page of the range is in the page cache (`cachestat(2)`).
 fn cached_pages(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
-    const SYS_CACHESTAT: libc::c_long = 451;
     #[repr(C)]
     struct Range {
         off: u64,
@@ -207,6 +212,7 @@ fn cached_pages(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
         nr_evicted: u64,
         nr_recently_evicted: u64,
     }
+    let Some(nr) = SYS_CACHESTAT else { return false };
     // SAFETY: sysconf has no preconditions.
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         p if p > 0 => p as u64,
@@ -216,28 +222,14 @@ fn cached_pages(fd: std::os::fd::RawFd, offset: u64, len: usize) -> bool {
     let mut stat = Stat::default();
     // SAFETY: both pointers are valid for the call and point at structs laid
     // out as the kernel's `cachestat_range` and `cachestat`; flags must be 0.
-    let r = unsafe { libc::syscall(SYS_CACHESTAT, fd, &range as *const Range, &mut stat as *mut Stat, 0) };
+    let r = unsafe { libc::syscall(nr, fd, &range as *const Range, &mut stat as *mut Stat, 0) };
     let pages = (offset + len as u64 - 1) / page - offset / page + 1;
     r == 0 && stat.nr_cache >= pages
 }
 
-#[cfg(not(any(
-    all(target_arch = "x86_64", target_pointer_width = "64"),
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "powerpc64",
-    target_arch = "s390x",
-    target_arch = "loongarch64"
-)))]
-fn cached_pages(_fd: std::os::fd::RawFd, _offset: u64, _len: usize) -> bool {
-    false
-}
-
 /// Sends `len` bytes of `file` from `offset` through a buffer.
 async fn send_by_reading(
-    sock: &WriteHalf,
+    sock: &mut WriteHalf,
     file: &std::fs::File,
     mut offset: u64,
     mut len: usize,
@@ -253,20 +245,7 @@ async fn send_by_reading(
                 "the file shrank while a chunk of it was being sent",
             ));
         }
-        let mut sent = 0;
-        while sent < n {
-            let rest = &buf[sent..n];
-            sent += sock
-                .write_with(|fd| {
-                    // SAFETY: writes from a valid slice on a descriptor the
-                    // half keeps open.
-                    match unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) } {
-                        k if k < 0 => Err(std::io::Error::last_os_error()),
-                        k => Ok(k as usize),
-                    }
-                })
-                .await?;
-        }
+        sock.write_all(&buf[..n]).await?;
         offset += n as u64;
         len -= n;
     }
@@ -303,13 +282,13 @@ mod tests {
     /// Sends `slice` on one end of a socket pair while the other end reads
     /// all it gets; returns the send's result and the bytes received.
     async fn send_and_receive(slice: FileSlice) -> (std::io::Result<()>, Vec<u8>) {
-        let (tx, mut rx) = pair().await;
+        let (mut tx, mut rx) = pair().await;
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             rx.read_to_end(&mut got).await.unwrap();
             got
         });
-        let sent = send_file(&tx, &slice).await;
+        let sent = send_file(&mut tx, &slice).await;
         drop(tx);
         (sent, reader.await.unwrap())
     }
@@ -332,14 +311,14 @@ mod tests {
     async fn the_plain_path_sends_the_same_range() {
         let (path, data) = patterned_file("plain", 3 << 20);
         let file = std::fs::File::open(&path).unwrap();
-        let (tx, mut rx) = pair().await;
+        let (mut tx, mut rx) = pair().await;
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             rx.read_to_end(&mut got).await.unwrap();
             got
         });
         let (offset, len) = (777usize, (2 << 20) + 3);
-        send_by_reading(&tx, &file, offset as u64, len).await.unwrap();
+        send_by_reading(&mut tx, &file, offset as u64, len).await.unwrap();
         drop(tx);
         assert!(reader.await.unwrap() == data[offset..offset + len]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
