@@ -7,6 +7,7 @@
 use common::proto::Reply;
 use common::{Fid, FileKind, FsError, Timestamp, VersionVector};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use uuid::Uuid;
@@ -101,12 +102,18 @@ pub fn be_u64(b: &[u8]) -> u64 {
 
 /// One commit: encoded records to put (`Some`) or remove (`None`) by key,
 /// the recorded reply, and the intent with its id.
+///
+/// Byte strings are `ByteBuf`s so that they encode as one MessagePack
+/// binary each: as `Vec<u8>` every byte became an integer of its own, and
+/// encoding a store's intent (which carries small files' content) cost a
+/// call per byte. `ByteBuf` still decodes the old form, so a journal entry
+/// left by an older afsd is replayed as before.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Commit {
-    pub objects: Vec<([u8; 8], Option<Vec<u8>>)>,
-    pub dirents: Vec<(Vec<u8>, Option<[u8; 8]>)>,
-    pub reply: (Vec<u8>, Vec<u8>),
-    pub intent: Option<(u64, Vec<u8>)>,
+    pub objects: Vec<([u8; 8], Option<ByteBuf>)>,
+    pub dirents: Vec<(ByteBuf, Option<[u8; 8]>)>,
+    pub reply: (ByteBuf, ByteBuf),
+    pub intent: Option<(u64, ByteBuf)>,
     /// An intent this commit takes back (a rollback's: the change failed).
     pub drop_intent: Option<u64>,
 }
@@ -338,13 +345,48 @@ mod tests {
     use super::*;
 
     fn a_commit() -> Commit {
+        let b = |v: &[u8]| ByteBuf::from(v.to_vec());
         Commit {
-            objects: vec![(fid_key(Fid(7)), Some(b"new object".to_vec())), (fid_key(Fid(8)), None)],
-            dirents: vec![(dirent_key(Fid::ROOT, "new"), Some(fid_key(Fid(7)))), (dirent_key(Fid::ROOT, "old"), None)],
-            reply: (reply_key(Uuid::nil(), 3), b"reply".to_vec()),
-            intent: Some((42, b"intent".to_vec())),
+            objects: vec![(fid_key(Fid(7)), Some(b(b"new object"))), (fid_key(Fid(8)), None)],
+            dirents: vec![
+                (b(&dirent_key(Fid::ROOT, "new")), Some(fid_key(Fid(7)))),
+                (b(&dirent_key(Fid::ROOT, "old")), None),
+            ],
+            reply: (b(&reply_key(Uuid::nil(), 3)), b(b"reply")),
+            intent: Some((42, b(b"intent"))),
             drop_intent: None,
         }
+    }
+
+    /// A journal entry as afsd wrote it before `Commit` held `ByteBuf`s
+    /// (every byte string a sequence of integers) still decodes whole.
+    #[test]
+    fn a_journal_entry_of_the_old_form_decodes() {
+        #[derive(Serialize)]
+        struct OldCommit {
+            objects: Vec<([u8; 8], Option<Vec<u8>>)>,
+            dirents: Vec<(Vec<u8>, Option<[u8; 8]>)>,
+            reply: (Vec<u8>, Vec<u8>),
+            intent: Option<(u64, Vec<u8>)>,
+            drop_intent: Option<u64>,
+        }
+        let new = a_commit();
+        let old = OldCommit {
+            objects: new.objects.iter().map(|(k, v)| (*k, v.as_ref().map(|v| v.to_vec()))).collect(),
+            dirents: new.dirents.iter().map(|(k, v)| (k.to_vec(), *v)).collect(),
+            reply: (new.reply.0.to_vec(), new.reply.1.to_vec()),
+            intent: new.intent.as_ref().map(|(id, i)| (*id, i.to_vec())),
+            drop_intent: Some(9),
+        };
+        let old_bytes = encode(&old);
+        let got: Commit = decode(&old_bytes).unwrap();
+        assert_eq!(got.objects, new.objects);
+        assert_eq!(got.dirents, new.dirents);
+        assert_eq!(got.reply, new.reply);
+        assert_eq!(got.intent, new.intent);
+        assert_eq!(got.drop_intent, Some(9));
+        let big = Commit { intent: Some((1, ByteBuf::from(vec![0xff; 4096]))), ..Commit::default() };
+        assert!(encode(&big).len() < 4200, "a byte string encodes as one binary, not 4096 integers");
     }
 
     fn state(db: &Db) -> (Option<sled::IVec>, Option<sled::IVec>, Option<sled::IVec>, Option<sled::IVec>, bool, bool) {

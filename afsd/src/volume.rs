@@ -25,6 +25,7 @@ use crate::stats::Stats;
 use common::proto::{OpKind, Reply, Xid};
 use common::{Attr, DirEntry, Fid, FileKind, FsError, SetAttr, Timestamp, VersionVector};
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 use sled::transaction::{ConflictableTransactionError, Transactional};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -689,10 +690,16 @@ impl Volume {
             None => None,
         };
         let commit = db::Commit {
-            objects: objects.iter().map(|(f, o)| (fid_key(*f), o.as_ref().map(db::encode))).collect(),
-            dirents: dirents.iter().map(|(d, n, f)| (dirent_key(*d, n), f.map(|f| f.0.to_be_bytes()))).collect(),
-            reply: (reply_key(xid.client, xid.seq), db::encode(reply)),
-            intent: intent_id.zip(intent.map(db::encode)),
+            objects: objects
+                .iter()
+                .map(|(f, o)| (fid_key(*f), o.as_ref().map(|o| ByteBuf::from(db::encode(o)))))
+                .collect(),
+            dirents: dirents
+                .iter()
+                .map(|(d, n, f)| (ByteBuf::from(dirent_key(*d, n)), f.map(|f| f.0.to_be_bytes())))
+                .collect(),
+            reply: (ByteBuf::from(reply_key(xid.client, xid.seq)), ByteBuf::from(db::encode(reply))),
+            intent: intent_id.zip(intent.map(|i| ByteBuf::from(db::encode(i)))),
             drop_intent,
         };
         self.db.commit(&commit, || {
