@@ -39,7 +39,7 @@ type Workload = fn(&Config, &Layout, &mut System, &mut Results) -> Result<()>;
 
 fn workloads() -> Vec<(u32, &'static str, Workload)> {
     vec![
-        (1, "Andrew", |c, _, s, r| workloads::andrew(c, s, r)),
+        (1, "Andrew", workloads::andrew),
         // 3 before 2: the cold read leaves the file cached for the warm read.
         (3, "cold read", workloads::cold_read),
         (2, "warm read", |c, _, s, r| workloads::warm_read(c, s, r)),
@@ -257,7 +257,10 @@ remote on the same kind of private sshd. The scripts that start the peers are in
   file system to a new tree beside it, ScanDir stats every entry of the copy, ReadAll reads every byte of it, Make \
   compiles its ~310 C files (`make -j{jobs}`, 24 `-I` directories: hundreds of failed lookups per file). **cold** = \
   the client's cache emptied (afs: venus restarted on an empty cache; sshfs/rclone: remounted, rclone's cache \
-  removed) and the machine's page/dentry/inode caches dropped; **warm** = a second pass on the same mount.\n\
+  removed) and the machine's page/dentry/inode caches dropped; **warm** = a second pass on the same mount. Local \
+  disk's passes are made between afs's, each right before the afs pass of the same kind (not minutes earlier in \
+  local disk's own turn), as this machine's speed drifts by tens of percent within minutes. Each pass starts after \
+  a `sync`, so that none pays for the previous one's writeback.\n\
 - **2. warm read**: sequential read of the {size} file after it was read once (afs: served from the container \
   file through the kernel); **2b** reads venus's container file directly, alternating with 2 (each going first \
   in every other pair). One read takes ~70 ms, so local disk and afs get {warm_reads} reads per run.\n\
