@@ -107,7 +107,8 @@ pub fn be_u64(b: &[u8]) -> u64 {
 /// binary each: as `Vec<u8>` every byte became an integer of its own, and
 /// encoding a store's intent (which carries small files' content) cost a
 /// call per byte. `ByteBuf` still decodes the old form, so a journal entry
-/// left by an older afsd is replayed as before.
+/// left by an older afsd is replayed as before (not the reverse: an older
+/// afsd cannot replay an entry a crash of this one left).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Commit {
     pub objects: Vec<([u8; 8], Option<ByteBuf>)>,
@@ -370,7 +371,14 @@ mod tests {
             intent: Option<(u64, Vec<u8>)>,
             drop_intent: Option<u64>,
         }
-        let new = a_commit();
+        let mut new = a_commit();
+        // Bytes from 0x80 up are what the old form wrote as two bytes each.
+        new.objects[0].1 = Some(ByteBuf::from(encode(&Object {
+            kind: FileKind::File,
+            names: vec![(Fid::ROOT, "é".into())],
+            version: VersionVector::new(),
+            seen: Seen { ino: 0xfedc, size: 200, ..Seen::default() },
+        })));
         let old = OldCommit {
             objects: new.objects.iter().map(|(k, v)| (*k, v.as_ref().map(|v| v.to_vec()))).collect(),
             dirents: new.dirents.iter().map(|(k, v)| (k.to_vec(), *v)).collect(),

@@ -80,41 +80,45 @@ fn andrew_pass(cfg: &Config, root: &Path, verify: bool) -> Result<Vec<(String, f
 /// Workload 1: the Andrew benchmark, cold (client caches empty, page cache
 /// dropped) then warm (second pass on the same mount), `runs` times.
 ///
-/// When afs and local disk are both measured, local disk's passes are made
-/// here, each right before the afs pass of the same kind, rather than in
-/// local disk's own turn minutes earlier. This machine's speed drifts by
-/// tens of percent within minutes (one run's local passes took 12.2 s in
-/// its first minute and 9.3 s four minutes later), so a ratio of passes
-/// made minutes apart measured the drift as much as afs.
+/// When afs and local disk are both measured, local disk's cold and warm
+/// passes are made here, in each afs run just before afs's own (caches
+/// dropped before each cold pass, as always), rather than in local disk's
+/// own turn minutes earlier. This machine's speed drifts by tens of percent
+/// within minutes (one run's local passes took 12.2 s in its first minute
+/// and 9.3 s four minutes later), so a ratio of passes made minutes apart
+/// measured the drift as much as afs.
 pub fn andrew(cfg: &Config, layout: &Layout, sys: &mut System, res: &mut Results) -> Result<()> {
-    let interleaved = cfg.systems.contains(&Kind::Local) && cfg.systems.contains(&Kind::Afs);
-    if sys.kind == Kind::Local && interleaved {
+    if sys.kind == Kind::Local && interleaves_andrew(cfg) {
         eprintln!("bench:   local disk's Andrew passes are made between afs's");
         return Ok(());
     }
     for run in 0..cfg.andrew_runs_for(sys.kind) {
-        for (pass, base) in [("cold", 0u32), ("warm", 10)] {
-            if interleaved {
-                andrew_record(cfg, &layout.plain, Kind::Local, (pass, base), run, res)?;
+        sys.cold()?;
+        if sys.kind == Kind::Afs && interleaves_andrew(cfg) {
+            let local = ["cold", "warm"]
+                .iter()
+                .try_for_each(|pass| andrew_record(cfg, &layout.plain, Kind::Local, pass, run, res));
+            if let Err(e) = local {
+                eprintln!("bench: local disk's Andrew pass failed: {e:#}");
+                res.failures.push(format!("{}, workload 1 (Andrew, between afs's): {e:#}", Kind::Local.title()));
             }
-            if pass == "cold" {
-                sys.cold()?;
-            }
-            andrew_record(cfg, &sys.root, sys.kind, (pass, base), run, res)?;
+            drop_caches();
+        }
+        for pass in ["cold", "warm"] {
+            andrew_record(cfg, &sys.root, sys.kind, pass, run, res)?;
         }
     }
     Ok(())
 }
 
+/// Whether local disk's Andrew passes are made between afs's.
+pub fn interleaves_andrew(cfg: &Config) -> bool {
+    cfg.wants(1) && cfg.systems.contains(&Kind::Local) && cfg.systems.contains(&Kind::Afs)
+}
+
 /// One Andrew pass in `root`, recorded as `kind`'s: each phase and the total.
-fn andrew_record(
-    cfg: &Config,
-    root: &Path,
-    kind: Kind,
-    (pass, base): (&str, u32),
-    run: usize,
-    res: &mut Results,
-) -> Result<()> {
+fn andrew_record(cfg: &Config, root: &Path, kind: Kind, pass: &str, run: usize, res: &mut Results) -> Result<()> {
+    let base = if pass == "cold" { 0 } else { 10 };
     let t = Instant::now();
     let phases = andrew_pass(cfg, root, run == 0)?;
     eprintln!(
