@@ -404,6 +404,33 @@ async fn a_file_truncated_behind_the_server_mid_fetch_gives_short_chunks() {
     assert_eq!(std::fs::read(dest_path(dir.path())).unwrap(), data);
 }
 
+/// A fetch allocates the destination's blocks before its chunks land
+/// (`fallocate`): the result still holds exactly the file's bytes, and
+/// keeps no blocks past them, whether the destination was empty or held a
+/// longer file before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_allocates_its_file_and_keeps_exactly_the_bytes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TestDir::new("fetch-allocates");
+    let afsd = Afsd::start(dir.path());
+    // Not a whole number of chunks, nor of blocks.
+    let data: Vec<u8> = (0..(5usize << 20) + 12_345).map(|i| (i % 241) as u8).collect();
+    std::fs::write(afsd.export.join("odd"), &data).unwrap();
+    let client = afsd.client().await;
+    let fid = client.lookup(LookupReq { dir: Fid::ROOT, name: "odd".into() }).await.unwrap().attr.fid;
+    for before in [0usize, 9 << 20] {
+        let dest = Arc::new(tempfile_in(dir.path()));
+        std::fs::write(dest_path(dir.path()), vec![7u8; before]).unwrap();
+        let reply = fetch_to_file(&client, fid, dest).await.unwrap();
+        assert_eq!(reply.attr.size, data.len() as u64);
+        let got = std::fs::read(dest_path(dir.path())).unwrap();
+        assert!(got == data, "the fetched bytes are the file's, with {before} bytes there before");
+        let meta = std::fs::metadata(dest_path(dir.path())).unwrap();
+        let needed = (data.len() as u64).div_ceil(4096) * 4096;
+        assert!(meta.blocks() * 512 <= needed, "{} bytes allocated for {needed}", meta.blocks() * 512);
+    }
+}
+
 /// A chunk lands in its file straight from the socket. When the file
 /// cannot take it, that call fails with the write's error, the rest of the
 /// payload is taken off the stream, and the connection goes on in step.

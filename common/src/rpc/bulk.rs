@@ -39,6 +39,9 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
         dest.set_len(0).map_err(io_err)?;
     }
     dest.write_all_at(&first, 0).map_err(io_err)?;
+    if reply.handle.is_some() {
+        reserve(&dest, size);
+    }
     if let Some(handle) = reply.handle {
         let result = fetch_rest(client, handle, first.len() as u64, size, &dest).await;
         // Release even after a failure, so the server can drop its handle.
@@ -47,6 +50,18 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
     }
     dest.set_len(size).map_err(io_err)?;
     Ok(reply)
+}
+
+/// Allocates the file's blocks before the chunks land. Landing then only
+/// copies: a filesystem that allocates blocks on write (ext4's delayed
+/// allocation) otherwise reserves space and records an extent for every
+/// page as it is written, on the one thread that lands them. A hint: where
+/// the filesystem cannot, the chunks allocate as they land.
+fn reserve(dest: &File, size: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an allocation request on an open descriptor; KEEP_SIZE leaves
+    // the size to the bytes actually written.
+    unsafe { libc::fallocate(dest.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, size as libc::off_t) };
 }
 
 /// Keeps [`FETCH_WINDOW`] chunk requests in flight. Each lands in `dest` at
