@@ -273,6 +273,43 @@ fn nix_statfs(p: &std::path::Path) -> u64 {
     s.f_blocks
 }
 
+/// A file open only for reading shows the file's own size and times, not
+/// its container's (whose mtime is when it was fetched), even when the
+/// kernel asks venus again while it is open.
+#[test]
+fn a_file_open_for_reading_keeps_its_own_times() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TestDir::new("open-read-times");
+    let afsd = Afsd::start(dir.path());
+    let then = std::time::UNIX_EPOCH + Duration::from_secs(1_400_000_000);
+    let f = fs::File::create(afsd.export.join("old")).unwrap();
+    f.set_len(3000).unwrap();
+    f.set_modified(then).unwrap();
+    drop(f);
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let reader = fs::File::open(a.path("old")).unwrap();
+    for _ in 0..3 {
+        let (mtime, size) = forced_stat(&a.path("old"));
+        assert_eq!((mtime, size), (1_400_000_000, 3000), "attributes asked for while open for reading");
+        let m = reader.metadata().unwrap();
+        assert_eq!((m.mtime(), m.size()), (1_400_000_000, 3000), "fstat of the open file");
+    }
+    drop(reader);
+    assert_eq!(forced_stat(&a.path("old")), (1_400_000_000, 3000), "after the close");
+}
+
+/// mtime (seconds) and size, asked of the file system itself
+/// (`AT_STATX_FORCE_SYNC`), not of the kernel's cache.
+fn forced_stat(p: &std::path::Path) -> (i64, u64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and out-pointer.
+    let r =
+        unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_STATX_FORCE_SYNC, libc::STATX_BASIC_STATS, &mut st) };
+    assert_eq!(r, 0, "statx {}: {}", p.display(), std::io::Error::last_os_error());
+    (st.stx_mtime.tv_sec, st.stx_size)
+}
+
 /// A setattr on a file that is open with unstored writes (cp -p sets times
 /// on the open file; r+ writes then truncates) must not lose those writes.
 #[test]

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::future::Future;
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub struct Shared {
     pub synced: Mutex<ContainerStamp>,
     /// The kernel's passthrough registration, kept while any handle is open.
     pub backing: Mutex<Option<fuser::BackingId>>,
+    /// Handles open for writing. While there are any, the container's size
+    /// and times are the file's, and the kernel may not keep them.
+    pub writers: AtomicUsize,
 }
 
 impl Shared {
@@ -209,6 +212,11 @@ impl Venus {
         self.opened.lock().unwrap().contains_key(&fid)
     }
 
+    /// Whether a handle may be writing `fid`'s container now.
+    fn is_written(&self, fid: Fid) -> bool {
+        self.opened.lock().unwrap().get(&fid).is_some_and(|(_, s)| s.writers.load(Ordering::Relaxed) > 0)
+    }
+
     /// Runs a server request while connected. A transport failure takes
     /// venus offline and is reported as `Offline`, so callers fall back to
     /// the cache or the log.
@@ -248,20 +256,22 @@ impl Venus {
         if !n.current() {
             return if self.link.is_connected() { SHORT_TTL } else { Duration::ZERO };
         }
-        if n.attr.kind == FileKind::File && (n.dirty || self.is_open(n.attr.fid)) {
+        if n.attr.kind == FileKind::File && (n.dirty || self.is_written(n.attr.fid)) {
             // Sizes and times come from the container while it is written.
+            // (Opens for reading change nothing: a compiler's fstat of each
+            // source and header it reads stays in the kernel.)
             return Duration::ZERO;
         }
         let left = (n.expires - now_secs()).max(0) as u64;
         LONG_TTL.min(Duration::from_secs(left))
     }
 
-    /// A node's attributes as the kernel should see them: an open or dirty
-    /// file's size and times come from its container.
+    /// A node's attributes as the kernel should see them: a written or
+    /// dirty file's size and times come from its container.
     pub(crate) fn visible_attr(&self, n: &Node, fid: Fid) -> Attr {
         let mut a = n.attr.clone();
         a.fid = fid;
-        if a.kind == FileKind::File && (n.dirty || self.is_open(fid)) {
+        if a.kind == FileKind::File && (n.dirty || self.is_written(fid)) {
             let meta = match self.opened.lock().unwrap().get(&fid) {
                 Some((_, s)) => s.file.metadata().ok(),
                 None => std::fs::metadata(self.cache.container_path(fid)).ok(),
@@ -574,7 +584,7 @@ impl Venus {
         let node = self.cache.get(fid).unwrap_or(node);
         let shared = {
             let mut opened = self.opened.lock().unwrap();
-            match opened.get_mut(&fid) {
+            let shared = match opened.get_mut(&fid) {
                 Some((count, s)) => {
                     *count += 1;
                     s.clone()
@@ -595,17 +605,25 @@ impl Venus {
                         base: Mutex::new(node.attr.version.clone()),
                         synced: Mutex::new(synced),
                         backing: Mutex::new(None),
+                        writers: AtomicUsize::new(0),
                     });
                     opened.insert(fid, (1, s.clone()));
                     s
                 }
+            };
+            // Under the same lock as the count of opens, so no getattr sees
+            // the file open but not yet written.
+            if write {
+                shared.writers.fetch_add(1, Ordering::Relaxed);
             }
+            shared
         };
         if truncate {
             let emptied =
                 shared.file.metadata().and_then(|m| if m.len() > 0 { shared.file.set_len(0) } else { Ok(()) });
             if let Err(e) = emptied {
                 // The open fails, so no release will come for it.
+                shared.writers.fetch_sub(1, Ordering::Relaxed);
                 self.unopen(fid);
                 return Err(e.into());
             }
@@ -788,6 +806,11 @@ impl Venus {
         let Some(h) = self.handles.lock().unwrap().remove(&fh) else { return Ok(()) };
         let fid = h.shared.fid();
         let result = if h.write { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
+        if h.write {
+            // After the store: until it has updated the node, the container
+            // is the truth.
+            h.shared.writers.fetch_sub(1, Ordering::Relaxed);
+        }
         self.unopen(fid);
         let fid = self.resolve(fid);
         if !self.cache.contains(fid) {
@@ -1374,6 +1397,7 @@ impl Venus {
                 base: Mutex::new(n.attr.version.clone()),
                 synced: Mutex::new(ContainerStamp::default()),
                 backing: Mutex::new(None),
+                writers: AtomicUsize::new(0),
             };
             match self.store_locked(fid, &shared).await {
                 Ok(()) if !self.cache.view(fid, |n| n.dirty).unwrap_or(false) => stored += 1,
