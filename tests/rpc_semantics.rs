@@ -405,11 +405,11 @@ async fn a_file_truncated_behind_the_server_mid_fetch_gives_short_chunks() {
 }
 
 /// A fetch allocates the destination's blocks before its chunks land
-/// (`fallocate`): the result still holds exactly the file's bytes, and
-/// keeps no blocks past them, whether the destination was empty or held a
-/// longer file before.
+/// (`fallocate`, keeping the size): the result holds exactly the file's
+/// bytes and keeps no blocks past them (some slack for the file system's
+/// own metadata), whether the destination was empty or held a longer file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fetch_allocates_its_file_and_keeps_exactly_the_bytes() {
+async fn a_fetched_file_keeps_exactly_its_bytes_and_no_blocks_past_them() {
     use std::os::unix::fs::MetadataExt;
     let dir = TestDir::new("fetch-allocates");
     let afsd = Afsd::start(dir.path());
@@ -426,8 +426,8 @@ async fn a_fetch_allocates_its_file_and_keeps_exactly_the_bytes() {
         let got = std::fs::read(dest_path(dir.path())).unwrap();
         assert!(got == data, "the fetched bytes are the file's, with {before} bytes there before");
         let meta = std::fs::metadata(dest_path(dir.path())).unwrap();
-        let needed = (data.len() as u64).div_ceil(4096) * 4096;
-        assert!(meta.blocks() * 512 <= needed, "{} bytes allocated for {needed}", meta.blocks() * 512);
+        let needed = (data.len() as u64).div_ceil(4096) * 4096 + (64 << 10);
+        assert!(meta.blocks() * 512 <= needed, "{} bytes allocated for {} bytes", meta.blocks() * 512, data.len());
     }
 }
 

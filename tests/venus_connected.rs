@@ -52,7 +52,9 @@ fn an_open_reader_keeps_its_copy_until_it_reopens() {
             > breaks_before),
         "B's promise was broken"
     );
-    // The open file still reads the copy it opened.
+    // The open file still reads the copy it opened, and has its size.
+    assert_eq!(forced_stat(&b.path("f")).1, 11, "the size of the copy that is open");
+    assert_eq!(reader.metadata().unwrap().len(), 11);
     reader.seek(SeekFrom::Start(0)).unwrap();
     let mut again = String::new();
     reader.read_to_string(&mut again).unwrap();
@@ -275,7 +277,8 @@ fn nix_statfs(p: &std::path::Path) -> u64 {
 
 /// A file open only for reading shows the file's own size and times, not
 /// its container's (whose mtime is when it was fetched), even when the
-/// kernel asks venus again while it is open.
+/// kernel asks venus again while it is open. One open for writing shows
+/// its container's.
 #[test]
 fn a_file_open_for_reading_keeps_its_own_times() {
     use std::os::unix::fs::MetadataExt;
@@ -296,6 +299,15 @@ fn a_file_open_for_reading_keeps_its_own_times() {
     }
     drop(reader);
     assert_eq!(forced_stat(&a.path("old")), (1_400_000_000, 3000), "after the close");
+
+    // Open for writing, the container is the truth.
+    let mut writer = fs::OpenOptions::new().append(true).open(a.path("old")).unwrap();
+    writer.write_all(&[1; 1000]).unwrap();
+    assert_eq!(forced_stat(&a.path("old")).1, 4000, "the size being written");
+    assert_eq!(writer.metadata().unwrap().len(), 4000);
+    drop(writer);
+    assert_eq!(forced_stat(&a.path("old")).1, 4000, "after the store");
+    assert_eq!(fs::metadata(afsd.export.join("old")).unwrap().len(), 4000);
 }
 
 /// mtime (seconds) and size, asked of the file system itself

@@ -15,14 +15,14 @@ use std::sync::Arc;
 /// How far past the requested chunk the disk is kept reading.
 pub const AHEAD: u64 = 32 << 20;
 
-/// Read-ahead is asked for in pieces of this size: one call per step of
-/// the fetch, not one per chunk.
+/// Read-ahead is asked for a step at a time: one blocking task per step
+/// of the fetch, not one per chunk.
 pub const STEP: u64 = 8 << 20;
 
 /// One `WILLNEED` call reads no more than the larger of the device's
 /// largest request and the file's readahead window, and silently drops the
-/// rest of its range: 8 MiB on this VM's disk, 256 KiB on a disk with the
-/// default 128 KiB window (doubled by `POSIX_FADV_SEQUENTIAL`, which the
+/// rest of its range: 8 MiB on a disk with an 8 MiB window, 256 KiB on one
+/// with the default 128 KiB window (doubled by `POSIX_FADV_SEQUENTIAL`, which the
 /// fetch sets). So a range is asked for in pieces no larger than that.
 pub const PIECE: u64 = 256 << 10;
 

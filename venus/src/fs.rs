@@ -212,9 +212,15 @@ impl Venus {
         self.opened.lock().unwrap().contains_key(&fid)
     }
 
-    /// Whether a handle may be writing `fid`'s container now.
-    fn is_written(&self, fid: Fid) -> bool {
-        self.opened.lock().unwrap().get(&fid).is_some_and(|(_, s)| s.writers.load(Ordering::Relaxed) > 0)
+    /// `fid`'s open container, and whether its size and times are the
+    /// file's rather than the node's: while a handle may be writing it, or
+    /// while it holds an older version than the node (its readers keep
+    /// that copy until the last close, so they must see its size).
+    fn open_container(&self, fid: Fid, n: &Node) -> Option<(Arc<File>, bool)> {
+        let opened = self.opened.lock().unwrap();
+        let (_, s) = opened.get(&fid)?;
+        let truth = s.writers.load(Ordering::Relaxed) > 0 || *s.base.lock().unwrap() != n.attr.version;
+        Some((s.file.clone(), truth))
     }
 
     /// Runs a server request while connected. A transport failure takes
@@ -256,25 +262,30 @@ impl Venus {
         if !n.current() {
             return if self.link.is_connected() { SHORT_TTL } else { Duration::ZERO };
         }
-        if n.attr.kind == FileKind::File && (n.dirty || self.is_written(n.attr.fid)) {
-            // Sizes and times come from the container while it is written.
-            // (Opens for reading change nothing: a compiler's fstat of each
-            // source and header it reads stays in the kernel.)
+        if n.attr.kind == FileKind::File
+            && (n.dirty || self.open_container(n.attr.fid, n).is_some_and(|(_, truth)| truth))
+        {
+            // Sizes and times come from the container while it is written,
+            // or read at an older version. (Opening the current version for
+            // reading changes nothing: a compiler's fstat of each source
+            // and header it reads stays in the kernel.)
             return Duration::ZERO;
         }
         let left = (n.expires - now_secs()).max(0) as u64;
         LONG_TTL.min(Duration::from_secs(left))
     }
 
-    /// A node's attributes as the kernel should see them: a written or
-    /// dirty file's size and times come from its container.
+    /// A node's attributes as the kernel should see them: the size and
+    /// times of a dirty file, and of an open one whose container is the
+    /// truth (see `open_container`), come from its container.
     pub(crate) fn visible_attr(&self, n: &Node, fid: Fid) -> Attr {
         let mut a = n.attr.clone();
         a.fid = fid;
-        if a.kind == FileKind::File && (n.dirty || self.is_written(fid)) {
-            let meta = match self.opened.lock().unwrap().get(&fid) {
-                Some((_, s)) => s.file.metadata().ok(),
-                None => std::fs::metadata(self.cache.container_path(fid)).ok(),
+        if a.kind == FileKind::File {
+            let meta = match self.open_container(fid, n) {
+                Some((file, truth)) if truth || n.dirty => file.metadata().ok(),
+                None if n.dirty => std::fs::metadata(self.cache.container_path(fid)).ok(),
+                _ => None,
             };
             if let Some(m) = meta {
                 a.size = m.len();

@@ -38,10 +38,10 @@ pub async fn fetch_to_file(client: &Client, fid: Fid, dest: Arc<File>) -> Result
     if dest.metadata().map_err(io_err)?.len() > 0 {
         dest.set_len(0).map_err(io_err)?;
     }
-    dest.write_all_at(&first, 0).map_err(io_err)?;
     if reply.handle.is_some() {
         reserve(&dest, size);
     }
+    dest.write_all_at(&first, 0).map_err(io_err)?;
     if let Some(handle) = reply.handle {
         let result = fetch_rest(client, handle, first.len() as u64, size, &dest).await;
         // Release even after a failure, so the server can drop its handle.
