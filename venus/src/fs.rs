@@ -57,6 +57,19 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The state of `fid`'s container `file`, based on version `base` and
+    /// last in step with the server (or the log) at `synced`; no handles yet.
+    fn new(fid: Fid, file: File, base: VersionVector, synced: ContainerStamp) -> Shared {
+        Shared {
+            fid: Mutex::new(fid),
+            file: Arc::new(file),
+            base: Mutex::new(base),
+            synced: Mutex::new(synced),
+            backing: Mutex::new(None),
+            writers: AtomicUsize::new(0),
+        }
+    }
+
     pub fn fid(&self) -> Fid {
         *self.fid.lock().unwrap()
     }
@@ -610,14 +623,7 @@ impl Venus {
                     } else {
                         node.clean.unwrap_or_else(|| ContainerStamp::of(&meta))
                     };
-                    let s = Arc::new(Shared {
-                        fid: Mutex::new(fid),
-                        file: Arc::new(file),
-                        base: Mutex::new(node.attr.version.clone()),
-                        synced: Mutex::new(synced),
-                        backing: Mutex::new(None),
-                        writers: AtomicUsize::new(0),
-                    });
+                    let s = Arc::new(Shared::new(fid, file, node.attr.version.clone(), synced));
                     opened.insert(fid, (1, s.clone()));
                     s
                 }
@@ -1402,14 +1408,7 @@ impl Venus {
                     continue;
                 }
             };
-            let shared = Shared {
-                fid: Mutex::new(fid),
-                file: Arc::new(file),
-                base: Mutex::new(n.attr.version.clone()),
-                synced: Mutex::new(ContainerStamp::default()),
-                backing: Mutex::new(None),
-                writers: AtomicUsize::new(0),
-            };
+            let shared = Shared::new(fid, file, n.attr.version.clone(), ContainerStamp::default());
             match self.store_locked(fid, &shared).await {
                 Ok(()) if !self.cache.view(fid, |n| n.dirty).unwrap_or(false) => stored += 1,
                 Ok(()) => {}
