@@ -13,13 +13,15 @@
 //! each: 0.25 s of CPU per GiB, a quarter of what a cold fetch has on two
 //! cores, on the thread that submits it. A fault in a mapping marked
 //! `MADV_HUGEPAGE` reads in 2 MiB folios instead (where the filesystem has
-//! large folios: ext4, xfs, btrfs), for about 0.02 s per GiB, and `sendfile`
-//! then has 512 times fewer folios to walk. So the range is faulted in
-//! through a short-lived mapping (`MADV_POPULATE_READ`, which waits for the
-//! reads), 2 MiB at a time; where that cannot be done, `WILLNEED` it is.
+//! large folios, as ext4 and xfs do on recent kernels), for a few
+//! hundredths of a second per GiB, and `sendfile` then has 512 times fewer
+//! folios to walk. So the range is faulted in through a short-lived
+//! mapping (`MADV_POPULATE_READ`, which waits for the reads), 2 MiB at a
+//! time; where that cannot be done, `WILLNEED` it is.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// How far past the requested chunk the disk is kept reading.
@@ -43,42 +45,57 @@ pub fn range_for(offset: u64, len: u64) -> Option<(u64, u64)> {
     (to > from).then(|| (to * STEP + AHEAD - STEP, STEP))
 }
 
+/// Reads ahead running at once, at most. Each holds a blocking-pool thread
+/// while the disk reads its step; past this many (a crowd of cold fetches)
+/// a step is skipped and the kernel's own readahead serves it, rather than
+/// queueing reads that would come too late and filling the pool that
+/// `block_in_place` also draws on.
+const MAX_RUNNING: usize = 16;
+
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
 /// Starts reading `len` bytes of `file` at `offset` into the page cache.
 /// Both ways wait (for the reads, or for room in the disk's queue), so it
 /// runs off the async workers; nothing waits for it.
 pub fn start(file: Arc<File>, offset: u64, len: u64) {
+    if RUNNING.fetch_add(1, Ordering::Relaxed) >= MAX_RUNNING {
+        RUNNING.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
     tokio::task::spawn_blocking(move || {
-        if !fault_in(&file, offset, len) {
-            advise(&file, offset, len);
+        if let Some(from) = fault_in(&file, offset, len) {
+            advise(&file, from, offset.saturating_add(len).saturating_sub(from));
         }
+        RUNNING.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
-/// The unit of mapping: one PMD-sized folio.
+/// The unit of mapping: 2 MiB, a PMD-sized folio on x86-64.
 const HUGE: u64 = 2 << 20;
 
 /// Faults the range in through a mapping, [`HUGE`] at a time so the
 /// mapping (which counts in the server's resident size while it lasts)
-/// stays small. False when this kernel or filesystem cannot, before any
-/// of it was read; a file that shrank meanwhile just ends the reading.
-fn fault_in(file: &File, offset: u64, len: u64) -> bool {
-    let Ok(size) = file.metadata().map(|m| m.len()) else { return false };
+/// stays small. Each fault reads up to 4 MiB, aligned to 2 MiB, so a little
+/// past the range may be read too. Returns where it had to stop, if it did
+/// (an old kernel, a kernel without THP, a filesystem that cannot be mapped,
+/// no memory for a mapping), for the rest to be asked for another way; a
+/// file that shrank meanwhile just ends the reading.
+fn fault_in(file: &File, offset: u64, len: u64) -> Option<u64> {
+    let Ok(size) = file.metadata().map(|m| m.len()) else { return Some(offset) };
     let end = offset.saturating_add(len).min(size);
-    let first = offset / HUGE * HUGE;
-    for at in (first..end).step_by(HUGE as usize) {
+    for at in (offset / HUGE * HUGE..end).step_by(HUGE as usize) {
         let read = Mapping::new(file, at, HUGE.min(size - at))
             .ok_or_else(std::io::Error::last_os_error)
             .and_then(|map| map.advise(libc::MADV_HUGEPAGE).and_then(|()| map.advise(libc::MADV_POPULATE_READ)));
         match read {
             Ok(()) => {}
-            // Past the end of a file truncated since: nothing more to read.
-            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => return true,
-            // Unsupported here (an old kernel, no THP, a filesystem that
-            // cannot be mapped): only the first window can tell.
-            Err(_) => return at != first,
+            // Past the end of a file truncated since (or a read error,
+            // which sendfile will meet and report): nothing more to do.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => return None,
+            Err(_) => return Some(at.max(offset)),
         }
     }
-    true
+    None
 }
 
 /// A read-only shared mapping of part of a file, unmapped on drop.
@@ -175,35 +192,58 @@ mod tests {
     fn resident(file: &File) -> Vec<bool> {
         let len = file.metadata().unwrap().len() as usize;
         let map = Mapping::new(file, 0, len as u64).unwrap();
-        let mut pages = vec![0u8; len.div_ceil(4096)];
+        let mut pages = vec![0u8; len.div_ceil(page_size())];
         // SAFETY: one byte per page of the mapping, in a vector that long.
         assert_eq!(unsafe { libc::mincore(map.addr, map.len, pages.as_mut_ptr()) }, 0);
         pages.iter().map(|p| p & 1 == 1).collect()
     }
 
+    fn page_size() -> usize {
+        // SAFETY: sysconf reads a constant.
+        unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+    }
+
+    /// Drops the file's (clean) pages from the page cache, and checks they
+    /// went: a filesystem that keeps them (tmpfs) cannot show a read.
+    fn evict(file: &File) {
+        // SAFETY: an advisory call on an open descriptor.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert!(resident(file).iter().all(|&r| !r), "the test file must be on a disk that evicts");
+    }
+
     #[test]
     fn a_range_is_read_into_the_page_cache_and_a_range_past_the_end_stops_there() {
         use std::io::Write;
-        let path = std::env::temp_dir().join(format!("afsd-readahead-test-{}", uuid::Uuid::new_v4()));
+        // Under target/, on a real disk: /tmp may be a tmpfs.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("afsd-readahead-test-{}", uuid::Uuid::new_v4()));
         let size = 6 * MIB + 123;
         let mut f = File::create(&path).unwrap();
         f.write_all(&vec![7u8; size as usize]).unwrap();
         f.sync_all().unwrap();
         let file = File::open(&path).unwrap();
-        // SAFETY: advisory calls on an open descriptor.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let page = |at: u64| at as usize / page_size();
 
-        assert!(fault_in(&file, MIB + 5, 3 * MIB));
+        evict(&file);
+        assert_eq!(fault_in(&file, MIB + 5, 3 * MIB), None);
         let pages = resident(&file);
-        let page = |at: u64| (at / 4096) as usize;
-        assert!(pages[page(MIB)..page(4 * MIB + 5)].iter().all(|&r| r), "the asked-for range is resident");
+        assert!(pages[page(MIB + 5)..=page(4 * MIB + 4)].iter().all(|&r| r), "the asked-for range is resident");
 
-        // Asked for far past the end (a chunk of a file that shrank): it
-        // reads to the end and stops, without a fault.
-        assert!(fault_in(&file, 4 * MIB, 1 << 30));
-        assert!(resident(&file)[page(4 * MIB)..].iter().all(|&r| r), "up to the last page");
-        assert!(fault_in(&file, 64 * MIB, MIB), "wholly past the end: nothing to do");
+        // Asked for far past the end: it reads to the end and stops there.
+        evict(&file);
+        assert_eq!(fault_in(&file, 4 * MIB + 1, 1 << 30), None);
+        assert!(resident(&file)[page(4 * MIB + 1)..].iter().all(|&r| r), "up to the last page");
+        assert_eq!(fault_in(&file, 64 * MIB, MIB), None, "wholly past the end: nothing to do");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_mapped_is_left_to_the_fallback_from_where_it_was_asked() {
+        // A sysfs attribute: 4096 bytes long, and no mmap.
+        let file = File::open("/sys/kernel/uevent_seqnum").unwrap();
+        assert_eq!(file.metadata().unwrap().len(), 4096);
+        assert_eq!(fault_in(&file, 100, 1000), Some(100));
     }
 
     #[test]
