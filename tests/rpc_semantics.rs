@@ -8,14 +8,14 @@ use common::auth::{random_bytes, Key};
 use common::frame::{self, Hello, Message, MAGIC, PROTOCOL_VERSION};
 use common::proto::*;
 use common::rpc::{fetch_to_file, Client, ClientConfig, RpcError, Sink};
-use common::{Fid, FsError};
+use common::{Fid, FsError, Timestamp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
 fn create(name: &str) -> CreateReq {
-    CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: true }
+    CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: true, content: None }
 }
 
 /// A fault-injecting proxy in front of `afsd`, and a client config that
@@ -221,6 +221,68 @@ async fn server_crash_during_a_store_into_an_empty_file_keeps_every_byte() {
         assert_eq!(now.attr.version, stored.attr.version, "{failpoint}: no spurious new version");
         assert_eq!(now.attr.mode & 0o777, 0o640, "{failpoint}: the mode was applied");
     }
+}
+
+/// A create that carries content is one commit: killed right after it (or
+/// before its reply), afsd redoes the file with every byte at the restart,
+/// the retried create gets the recorded reply, and an unsettled one (the
+/// settler held) is made again, bytes and all, from its intent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_crash_during_a_create_with_content_keeps_every_byte() {
+    for failpoint in ["crash-after-commit:create", "crash-before-reply:create", "hold-settle"] {
+        let dir = TestDir::new("crash-create-content");
+        let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", failpoint)]);
+        let client = afsd.client().await;
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let mtime = Timestamp { secs: 1_700_000_000, nanos: 5 };
+        let mut req = create("made");
+        req.exclusive = false;
+        req.content = Some(NewContent { data: data.clone().into(), mtime });
+        let c = client.clone();
+        let mut call = Some(tokio::spawn(async move { c.create(req).await }));
+        if failpoint == "hold-settle" {
+            call.take().unwrap().await.unwrap().unwrap();
+            afsd.kill();
+            // The settler never synced it: as if a power cut lost the file.
+            let _ = std::fs::remove_file(afsd.export.join("made"));
+        } else {
+            assert!(afsd.wait_exit(Duration::from_secs(10)), "{failpoint}: afsd should abort at the failpoint");
+        }
+        afsd.set_env(&[]);
+        afsd.restart();
+        if let Some(call) = call {
+            let reply = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+            let made = reply.unwrap_or_else(|e| panic!("{failpoint}: the retried create must succeed, got {e}"));
+            assert_eq!((made.attr.size, made.attr.mtime), (data.len() as u64, mtime), "{failpoint}");
+        }
+        assert_eq!(std::fs::read(afsd.export.join("made")).unwrap(), data, "{failpoint}: every byte is there");
+        let client = afsd.client().await;
+        let found = client.lookup(LookupReq { dir: Fid::ROOT, name: "made".into() }).await.unwrap();
+        assert_eq!((found.attr.size, found.attr.mtime), (data.len() as u64, mtime), "{failpoint}");
+        let names: Vec<_> = std::fs::read_dir(&afsd.export).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec!["made"], "{failpoint}: made once");
+    }
+}
+
+/// Content comes only with a new small file: a create with content never
+/// opens an existing file, and too much content is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_with_content_never_writes_over_an_existing_file() {
+    let dir = TestDir::new("create-content-exists");
+    let afsd = Afsd::start(dir.path());
+    let client = afsd.client().await;
+    client.create(create("taken")).await.unwrap();
+    let mut req = create("taken");
+    req.exclusive = false;
+    req.content = Some(NewContent { data: b"mine".to_vec().into(), mtime: Timestamp::now() });
+    let err = client.create(req).await.unwrap_err();
+    assert!(matches!(err, RpcError::Fs(FsError::Exists)), "{err:?}");
+    assert_eq!(std::fs::read(afsd.export.join("taken")).unwrap(), b"");
+    let mut big = create("big");
+    big.content = Some(NewContent { data: vec![0u8; CREATE_CONTENT_MAX + 1].into(), mtime: Timestamp::now() });
+    let err = client.create(big).await.unwrap_err();
+    assert!(matches!(err, RpcError::Fs(FsError::Invalid(_))), "{err:?}");
+    assert!(!afsd.export.join("big").exists());
 }
 
 /// Creates and fills keep their intents until the settler has synced the

@@ -226,7 +226,7 @@ async fn exclusive_create_has_exactly_one_winner() {
     let (a, b) = (afsd.client().await, afsd.client().await);
     for round in 0..100 {
         let name = format!("lock{round}");
-        let req = |n: &str| CreateReq { dir: Fid::ROOT, name: n.into(), mode: 0o644, exclusive: true };
+        let req = |n: &str| CreateReq { dir: Fid::ROOT, name: n.into(), mode: 0o644, exclusive: true, content: None };
         let (ra, rb) = tokio::join!(a.create(req(&name)), b.create(req(&name)));
         let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
         assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
@@ -251,7 +251,7 @@ async fn the_servers_own_stores_are_not_outside_edits() {
     let d = a.mkdir(MkdirReq { dir: Fid::ROOT, name: "d".into(), mode: 0o755 }).await.unwrap().attr.fid;
     let mut files = Vec::new();
     for i in 0..4 {
-        let req = CreateReq { dir: d, name: format!("f{i}"), mode: 0o644, exclusive: true };
+        let req = CreateReq { dir: d, name: format!("f{i}"), mode: 0o644, exclusive: true, content: None };
         let made = a.create(req).await.unwrap().attr;
         // Not empty from here on: later stores are staged and renamed in.
         let version = store(&a, made.fid, made.version, b"first").await.unwrap().attr.version;
@@ -270,7 +270,9 @@ async fn the_servers_own_stores_are_not_outside_edits() {
     let churn = async {
         for i in 0..300 {
             let name = format!("t{i}");
-            b.create(CreateReq { dir: d, name: name.clone(), mode: 0o644, exclusive: true }).await.unwrap();
+            b.create(CreateReq { dir: d, name: name.clone(), mode: 0o644, exclusive: true, content: None })
+                .await
+                .unwrap();
             b.lookup(LookupReq { dir: d, name: "f0".into() }).await.unwrap();
             b.remove(RemoveReq { dir: d, name, base: None }).await.unwrap();
         }

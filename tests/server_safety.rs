@@ -30,7 +30,10 @@ fn parse(data: &[u8]) -> Option<(usize, u64)> {
 }
 
 async fn create_file(c: &Client, name: &str) -> EntryReply {
-    let r = c.create(CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: false }).await.unwrap();
+    let r = c
+        .create(CreateReq { dir: Fid::ROOT, name: name.into(), mode: 0o644, exclusive: false, content: None })
+        .await
+        .unwrap();
     EntryReply { attr: r.attr, promise: r.promise }
 }
 
@@ -196,8 +199,10 @@ async fn requests_cannot_reach_outside_the_export() {
     for bad in ["..", ".", "a/b", "/etc", "/", "", "x\0y"] {
         let e = c.lookup(LookupReq { dir: Fid::ROOT, name: bad.into() }).await.unwrap_err();
         assert!(matches!(e, RpcError::Fs(FsError::InvalidName(_))), "lookup {bad:?}: {e:?}");
-        let e =
-            c.create(CreateReq { dir: Fid::ROOT, name: bad.into(), mode: 0o644, exclusive: true }).await.unwrap_err();
+        let e = c
+            .create(CreateReq { dir: Fid::ROOT, name: bad.into(), mode: 0o644, exclusive: true, content: None })
+            .await
+            .unwrap_err();
         assert!(matches!(e, RpcError::Fs(FsError::InvalidName(_))), "create {bad:?}: {e:?}");
         let e = c
             .rename(RenameReq {
@@ -218,7 +223,7 @@ async fn requests_cannot_reach_outside_the_export() {
     assert_eq!(esc.attr.kind, common::FileKind::Symlink);
     for r in [
         c.lookup(LookupReq { dir: esc.attr.fid, name: "secret".into() }).await.map(|_| ()),
-        c.create(CreateReq { dir: esc.attr.fid, name: "planted".into(), mode: 0o644, exclusive: true })
+        c.create(CreateReq { dir: esc.attr.fid, name: "planted".into(), mode: 0o644, exclusive: true, content: None })
             .await
             .map(|_| ()),
         c.readdir(ReadDirReq { dir: esc.attr.fid }).await.map(|_| ()),
@@ -335,7 +340,11 @@ async fn stores_race_renames_of_an_ancestor() {
     let (a, b, c) = (afsd.client().await, afsd.client().await, afsd.client().await);
     let d1 = a.mkdir(MkdirReq { dir: Fid::ROOT, name: "d1".into(), mode: 0o755 }).await.unwrap().attr.fid;
     let sub = a.mkdir(MkdirReq { dir: d1, name: "sub".into(), mode: 0o755 }).await.unwrap().attr.fid;
-    let f = a.create(CreateReq { dir: sub, name: "f".into(), mode: 0o644, exclusive: true }).await.unwrap().attr;
+    let f = a
+        .create(CreateReq { dir: sub, name: "f".into(), mode: 0o644, exclusive: true, content: None })
+        .await
+        .unwrap()
+        .attr;
     let writer = tokio::spawn(async move {
         let mut base = f.version;
         for i in 0..150u32 {

@@ -7,6 +7,7 @@ mod rpc_semantics;
 mod server_callbacks;
 mod server_safety;
 mod venus_connected;
+mod venus_create_on_close;
 mod venus_hoard;
 mod venus_offline;
 mod venus_offline_edges;

@@ -33,6 +33,8 @@ struct NewName {
     what: NewKind,
     /// O_EXCL: an existing name is an error rather than opened.
     exclusive: bool,
+    /// A new file's first content (see [`CreateReq::content`]).
+    content: Option<NewContent>,
 }
 
 /// Largest content a store writes in place into an empty file (it travels
@@ -168,8 +170,16 @@ impl Volume {
     /// Creates a file, directory or symlink: the shared body of create,
     /// mkdir and symlink.
     async fn make(&self, cx: &CallContext, kind: OpKind, new: NewName) -> Result<NewEntry, FsError> {
-        let NewName { dir, name, mode, what, exclusive } = new;
+        let NewName { dir, name, mode, what, exclusive, content } = new;
         validate_name(&name)?;
+        if let Some(c) = &content {
+            if !matches!(what, NewKind::File) || c.data.len() > CREATE_CONTENT_MAX.min(FILL_MAX) {
+                return Err(FsError::Invalid("content only comes with a small new file".into()));
+            }
+            if !c.mtime.is_valid() {
+                return Err(FsError::Invalid("mtime out of range".into()));
+            }
+        }
         if self.hidden(dir, &name) {
             return Err(FsError::Access);
         }
@@ -179,8 +189,9 @@ impl Volume {
         let (d, dpath) = self.open_dir(dir)?;
         let (dobj, dst) = self.current(dir, true).await?;
         if let Some((efid, eobj, est)) = self.resolve_locked(&d, dir, &name)? {
-            // Not exclusive and a file already there: O_CREAT opens it.
-            if !exclusive && matches!(what, NewKind::File) && eobj.kind == FileKind::File {
+            // Not exclusive and a file already there: O_CREAT opens it
+            // (but content is never written over a file the client did not see).
+            if !exclusive && content.is_none() && matches!(what, NewKind::File) && eobj.kind == FileKind::File {
                 let attr = self.attr(efid, &eobj, &est);
                 return Ok(NewEntry { attr, dir: self.attr(dir, &dobj, &dst), promise: self.promise_for(cx, efid) });
             }
@@ -188,7 +199,7 @@ impl Volume {
         }
         let now = Timestamp::now();
         let (fkind, perm, size) = match &what {
-            NewKind::File => (FileKind::File, mode & 0o7777, 0),
+            NewKind::File => (FileKind::File, mode & 0o7777, content.as_ref().map_or(0, |c| c.data.len() as u64)),
             NewKind::Dir => (FileKind::Dir, mode & 0o7777, 0),
             NewKind::Symlink(t) => (FileKind::Symlink, 0o777, t.len() as u64),
         };
@@ -205,23 +216,38 @@ impl Volume {
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
             atime: now,
-            mtime: now,
+            mtime: content.as_ref().map_or(now, |c| c.mtime),
             ctime: now,
             version: obj.version.clone(),
         };
         let reply =
             NewEntry { attr, dir: dir_after(self, dir, &new_dir, &dst, now), promise: self.promise_for(cx, fid) };
-        let plan = Plan {
-            objects: vec![(fid, Some(obj)), (dir, Some(new_dir))],
-            dirents: vec![(dir, name.clone(), Some(fid))],
-            intent: Some(Intent::Create {
+        let intent = match content {
+            // Written whole by the intent, like a store into an empty file:
+            // the bytes are in the commit, so a crash is repaired by
+            // writing them again.
+            Some(c) => Intent::Fill {
+                fid,
+                version: obj.version.clone(),
                 dir: dpath.names().to_vec(),
-                name,
+                name: name.clone(),
+                data: c.data.to_vec(),
+                mode: perm,
+                mtime: c.mtime,
+            },
+            None => Intent::Create {
+                dir: dpath.names().to_vec(),
+                name: name.clone(),
                 mode: perm,
                 mtime: now,
                 what,
                 fid: Some(fid),
-            }),
+            },
+        };
+        let plan = Plan {
+            objects: vec![(fid, Some(obj)), (dir, Some(new_dir))],
+            dirents: vec![(dir, name, Some(fid))],
+            intent: Some(intent),
             reseen: vec![fid, dir],
             breaks: vec![dir],
         };
@@ -516,13 +542,26 @@ impl Service for Volume {
     }
 
     async fn create(&self, cx: &CallContext, req: CreateReq) -> Result<NewEntry, FsError> {
-        let new =
-            NewName { dir: req.dir, name: req.name, mode: req.mode, what: NewKind::File, exclusive: req.exclusive };
+        let new = NewName {
+            dir: req.dir,
+            name: req.name,
+            mode: req.mode,
+            what: NewKind::File,
+            exclusive: req.exclusive,
+            content: req.content,
+        };
         self.make(cx, OpKind::Create, new).await
     }
 
     async fn mkdir(&self, cx: &CallContext, req: MkdirReq) -> Result<NewEntry, FsError> {
-        let new = NewName { dir: req.dir, name: req.name, mode: req.mode, what: NewKind::Dir, exclusive: true };
+        let new = NewName {
+            dir: req.dir,
+            name: req.name,
+            mode: req.mode,
+            what: NewKind::Dir,
+            exclusive: true,
+            content: None,
+        };
         self.make(cx, OpKind::Mkdir, new).await
     }
 
@@ -530,8 +569,14 @@ impl Service for Volume {
         if req.target.is_empty() || req.target.contains('\0') || req.target.len() > 4095 {
             return Err(FsError::Invalid("bad symlink target".into()));
         }
-        let new =
-            NewName { dir: req.dir, name: req.name, mode: 0o777, what: NewKind::Symlink(req.target), exclusive: true };
+        let new = NewName {
+            dir: req.dir,
+            name: req.name,
+            mode: 0o777,
+            what: NewKind::Symlink(req.target),
+            exclusive: true,
+            content: None,
+        };
         self.make(cx, OpKind::Symlink, new).await
     }
 

@@ -3,8 +3,10 @@
 //! A mutation is durable once its commit, which carries its intent, is
 //! flushed: from then on a crash is repaired by redoing the intent. So the
 //! export's own fsync need not delay the reply. For creates and in-place
-//! fills (the two changes every new file goes through) `Volume::execute`
-//! applies the intent, answers, and hands the descriptor to be synced here
+//! fills (the changes every new file goes through; a create with content
+//! is a fill that makes the file) `Volume::execute`
+//! applies the intent, answers, and hands the descriptors (the file, and a
+//! new one's directory) to be synced here
 //! instead: one fsync per distinct directory or file every few
 //! milliseconds, after which the intents are dropped. Until that, an intent
 //! left by a crash is redone from what the database says at the next start
@@ -24,15 +26,15 @@ pub const MAX_PENDING: usize = 1024;
 /// Applied changes waiting for an fsync: (intent id, what to sync).
 #[derive(Default)]
 pub struct Settler {
-    pending: Mutex<Vec<(u64, File)>>,
+    pending: Mutex<Vec<(u64, Vec<File>)>>,
     pub wake: tokio::sync::Notify,
 }
 
 impl Settler {
-    /// Queues the fsync that completes intent `id`; returns how many wait.
-    pub fn defer(&self, id: u64, fd: File) -> usize {
+    /// Queues the fsyncs that complete intent `id`; returns how many wait.
+    pub fn defer(&self, id: u64, fds: Vec<File>) -> usize {
         let mut p = self.pending.lock().unwrap();
-        p.push((id, fd));
+        p.push((id, fds));
         let n = p.len();
         drop(p);
         self.wake.notify_one();
@@ -46,7 +48,7 @@ impl Settler {
     pub fn settle(&self) -> std::io::Result<Vec<u64>> {
         let batch = std::mem::take(&mut *self.pending.lock().unwrap());
         let mut synced = std::collections::HashSet::new();
-        for (_, fd) in &batch {
+        for fd in batch.iter().flat_map(|(_, fds)| fds) {
             let key = fd.metadata().map(|m| (m.dev(), m.ino()))?;
             if synced.insert(key) {
                 fd.sync_all()?;

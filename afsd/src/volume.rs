@@ -564,10 +564,10 @@ impl Volume {
         )?;
         self.sync_or_die().await;
         self.failpoint("crash-after-commit", kind);
-        let mut unsynced = None;
+        let mut unsynced = Vec::new();
         if let Some(intent) = &plan.intent {
             match tokio::task::block_in_place(|| self.apply(intent)) {
-                Ok(fd) => unsynced = fd,
+                Ok(fds) => unsynced = fds,
                 Err(e) => {
                     tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");
                     // The intent goes in the same commit: recovery must not
@@ -588,15 +588,15 @@ impl Volume {
             }
         }
         self.reseen(&plan.reseen);
-        match (unsynced, intent_id) {
+        match intent_id {
+            _ if unsynced.is_empty() => self.drop_intent(intent_id),
             // The intent stays until the settler has synced the export.
-            (Some(fd), Some(id)) => {
-                if self.settler.defer(id, fd) > settle::MAX_PENDING {
+            Some(id) => {
+                if self.settler.defer(id, unsynced) > settle::MAX_PENDING {
                     tokio::task::block_in_place(|| self.settle_now());
                 }
             }
-            (Some(fd), None) => sync_or_die_fd(&fd),
-            (None, id) => self.drop_intent(id),
+            None => unsynced.iter().for_each(sync_or_die_fd),
         }
         let holders = self.callbacks.take_holders(&plan.breaks, Some(xid.client));
         if !holders.is_empty() {
@@ -735,7 +735,7 @@ impl Volume {
     /// return the descriptor whose fsync makes them durable, for the caller
     /// to sync (now, or deferred: see `settle.rs`); every other change is
     /// durable when this returns.
-    pub fn apply(&self, intent: &Intent) -> Result<Option<std::fs::File>, FsError> {
+    pub fn apply(&self, intent: &Intent) -> Result<Vec<std::fs::File>, FsError> {
         let rel = |v: &Vec<String>| RelPath::from_names(v.clone());
         match intent {
             Intent::Create { dir, name, mode, mtime, what, .. } => {
@@ -761,7 +761,7 @@ impl Volume {
                         Err(e) => return Err(e),
                     },
                 }
-                Ok(Some(d.into_file()))
+                Ok(vec![d.into_file()])
             }
             Intent::Install { staging, dir, name, others } => {
                 let d = self.export.dir(&rel(dir)?)?;
@@ -788,7 +788,7 @@ impl Volume {
                     od.rename_from(&self.staging, &tmp, oname, false)?;
                     od.sync()?;
                 }
-                Ok(None)
+                Ok(Vec::new())
             }
             Intent::Fill { dir, name, data, mode, mtime, .. } => {
                 use std::os::unix::fs::FileExt;
@@ -807,16 +807,15 @@ impl Volume {
                 f.set_len(data.len() as u64)?;
                 f.set_permissions(std::fs::Permissions::from_mode(*mode))?;
                 f.set_modified((*mtime).into())?;
-                if created {
-                    d.sync()?;
-                }
-                Ok(Some(f))
+                // A new file's name is synced with its content (a create
+                // with content, or a redo after a crash).
+                Ok(if created { vec![f, d.into_file()] } else { vec![f] })
             }
             Intent::Remove { dir, name, is_dir } => {
                 let d = self.export.dir(&rel(dir)?)?;
                 let r = if *is_dir { d.rmdir(name) } else { d.unlink(name) };
                 match r {
-                    Ok(()) | Err(FsError::NotFound) => d.sync().map(|()| None),
+                    Ok(()) | Err(FsError::NotFound) => d.sync().map(|()| Vec::new()),
                     Err(e) => Err(e),
                 }
             }
@@ -829,17 +828,17 @@ impl Volume {
                     Err(e) => return Err(e),
                 }
                 td.sync()?;
-                fd.sync().map(|()| None)
+                fd.sync().map(|()| Vec::new())
             }
             Intent::Link { from_dir, from, dir, name } => {
                 let fd = self.export.dir(&rel(from_dir)?)?;
                 let d = self.export.dir(&rel(dir)?)?;
                 match d.link_from(&fd, from, name) {
-                    Ok(()) | Err(FsError::Exists) => d.sync().map(|()| None),
+                    Ok(()) | Err(FsError::Exists) => d.sync().map(|()| Vec::new()),
                     Err(e) => Err(e),
                 }
             }
-            Intent::SetAttr { path, set } => self.apply_setattr(&rel(path)?, set).map(|()| None),
+            Intent::SetAttr { path, set } => self.apply_setattr(&rel(path)?, set).map(|()| Vec::new()),
         }
     }
 
@@ -948,7 +947,7 @@ impl Volume {
             }
             other => other.clone(),
         };
-        if let Some(fd) = self.apply(&again)? {
+        for fd in self.apply(&again)? {
             fd.sync_all()?;
         }
         Ok(())

@@ -179,7 +179,10 @@ async fn round_trips(cfg: &Config, c: &Client, scale: Fid, res: &mut Results) ->
         let start = Instant::now();
         for i in 0..ROUND_TRIP_FILES {
             let name = format!("f{run}-{i}");
-            let e = c.create(CreateReq { dir, name, mode: 0o644, exclusive: true }).await.context("create")?;
+            let e = c
+                .create(CreateReq { dir, name, mode: 0o644, exclusive: true, content: None })
+                .await
+                .context("create")?;
             c.store(StoreReq {
                 fid: e.attr.fid,
                 base: e.attr.version,

@@ -29,8 +29,9 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 /// Protocol magic, the first field of the first frame: "AFS\x01".
 pub const MAGIC: u32 = 0x4146_5301;
 
-/// The protocol version this build speaks (2: payloads outside the body).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The protocol version this build speaks (2: payloads outside the body;
+/// 3: creates may carry content).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -347,7 +348,13 @@ mod tests {
         let call = Message::Call {
             xid,
             ack: 4,
-            body: Request::Create(CreateReq { dir: Fid::ROOT, name: "a".into(), mode: 0o600, exclusive: true }),
+            body: Request::Create(CreateReq {
+                dir: Fid::ROOT,
+                name: "a".into(),
+                mode: 0o600,
+                exclusive: true,
+                content: None,
+            }),
         };
         match round_trip(call) {
             Message::Call { xid: x, ack: 4, body: Request::Create(c) } => {

@@ -187,6 +187,20 @@ pub struct CreateReq {
     pub mode: u32,
     /// O_EXCL: fail with `Exists` when the name is taken.
     pub exclusive: bool,
+    /// The new file's content, for a client that creates a file only when
+    /// it is first closed: one commit instead of a create and a store. A
+    /// create with content never opens an existing file (`Exists`).
+    pub content: Option<NewContent>,
+}
+
+/// Most bytes a create may carry (larger files are created, then stored).
+pub const CREATE_CONTENT_MAX: usize = 64 * 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NewContent {
+    #[serde(with = "bytes_in_body")]
+    pub data: Bytes,
+    pub mtime: Timestamp,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -478,6 +478,13 @@ impl Cache {
         Ok(())
     }
 
+    /// Adds one to the counter `key` (atomically: creates run on several
+    /// threads) and returns the value it had, starting from 1.
+    pub fn meta_next(&self, key: &str) -> Result<u64> {
+        let after = self.meta.update_and_fetch(key, |v| Some((v.map(be).unwrap_or(1) + 1).to_be_bytes().to_vec()))?;
+        Ok(after.map(|v| be(&v)).unwrap_or(2) - 1)
+    }
+
     /// Gives the container of `from` the name of `to` as well; the old name
     /// goes at the next flush. Until the index says the object is `to`
     /// (durably), a crash must find its content under `from`: renaming
@@ -498,6 +505,15 @@ impl Cache {
             self.unlink_after_flush.lock().unwrap().push(old);
         }
         linked
+    }
+
+    /// Flushes if container names wait to be dropped (objects renumbered
+    /// while connected, which flush nothing themselves).
+    pub fn drop_old_names(&self) -> Result<()> {
+        if self.unlink_after_flush.lock().unwrap().is_empty() {
+            return Ok(());
+        }
+        self.flush()
     }
 
     /// Makes everything written so far durable, then drops container names

@@ -230,6 +230,8 @@ async fn status(venus: &Venus) -> Value {
         "cached_files": cached,
         "dirty_files": dirty,
         "open_files": venus.open_handles(),
+        // Inode numbers the kernel may still use for objects renumbered.
+        "aliases": venus.aliases_snapshot().len(),
         "fetches": venus.counters.fetches.load(Ordering::Relaxed),
         "stores": venus.counters.stores.load(Ordering::Relaxed),
         "local_hits": venus.counters.local_hits.load(Ordering::Relaxed),

@@ -124,6 +124,8 @@ pub struct Venus {
     pub(crate) walk_lock: Mutex<()>,
     pub last_walk: Mutex<Option<crate::hoard::Summary>>,
     pub counters: Counters,
+    /// Files whose server create waits for their first close (`deferred.rs`).
+    pub(crate) deferred: Mutex<HashMap<Fid, crate::deferred::Deferred>>,
 }
 
 pub(crate) fn name_str(name: &std::ffi::OsStr) -> Result<&str> {
@@ -173,6 +175,7 @@ impl Venus {
             walk_lock: Mutex::new(()),
             last_walk: Mutex::new(None),
             counters: Counters::default(),
+            deferred: Mutex::new(HashMap::new()),
         };
         venus.recover()?;
         Ok(venus)
@@ -191,6 +194,7 @@ impl Venus {
             }
         }
         self.cml.remap_all(&aliases)?;
+        self.log_interrupted_creates()?;
         let keep: HashSet<Fid> = self.cml.records().iter().flat_map(|r| r.op.fids()).collect();
         self.cache.scan_containers(&keep)?;
         self.cache.flush()
@@ -213,6 +217,33 @@ impl Venus {
             }
         }
         fid
+    }
+
+    /// The volume path of `name` in `dir`.
+    pub(crate) fn path_in(&self, dir: Fid, name: &str) -> String {
+        match self.cache.path_of(self.resolve(dir)) {
+            p if p == "/" => format!("/{name}"),
+            p => format!("{p}/{name}"),
+        }
+    }
+
+    pub(crate) fn aliases_snapshot(&self) -> HashMap<Fid, Fid> {
+        self.aliases.lock().unwrap().clone()
+    }
+
+    /// The kernel dropped its inode `fid`. A local fid whose object has its
+    /// server fid by now is named by nothing else, so its alias goes: every
+    /// file created on close (`deferred.rs`) gets one, and they must not pile up.
+    pub fn forget(&self, fid: Fid) {
+        if !fid.is_local() || !self.aliases.lock().unwrap().contains_key(&fid) || self.cache.contains(fid) {
+            return;
+        }
+        // A crash before the log's records were renamed needs it at start-up.
+        if self.cml.any(|r| r.op.fids().contains(&fid)) {
+            return;
+        }
+        self.aliases.lock().unwrap().remove(&fid);
+        let _ = self.aliases_tree.remove(fid.0.to_be_bytes());
     }
 
     pub(crate) fn add_alias(&self, local: Fid, server: Fid) -> Result<()> {
@@ -360,8 +391,12 @@ impl Venus {
             }
             let gen = self.gen(dir);
             let r = self.remote(self.client.readdir(ReadDirReq { dir })).await?;
-            let entries: BTreeMap<String, (Fid, FileKind)> =
+            let mut entries: BTreeMap<String, (Fid, FileKind)> =
                 r.entries.into_iter().map(|e| (e.name, (e.fid, e.kind))).collect();
+            // Files created here whose server create waits for their close.
+            for (name, fid) in self.deferred_in(dir) {
+                entries.insert(name, (fid, FileKind::File));
+            }
             let promise = if self.gen(dir) == gen { promise_exp(r.promise) } else { None };
             self.cache.learn(dir, r.attr, None, promise);
             self.cache.update(dir, |n| n.entries = Some(entries.clone()));
@@ -667,13 +702,19 @@ impl Venus {
             Some(h) => (h.shared.clone(), h.write),
             None => return Ok(()),
         };
-        if !write {
+        if !write && !self.is_deferred(self.resolve(shared.fid())) {
             return Ok(());
         }
         self.rt.block_on(self.store_shared(&shared))
     }
 
     pub(crate) async fn store_shared(&self, shared: &Shared) -> Result<()> {
+        let fid = self.resolve(shared.fid());
+        if self.is_deferred(fid) {
+            // Created on the server first, with the content if it is small.
+            let _g = self.stripe(fid).lock().await;
+            self.create_deferred(fid).await?;
+        }
         let fid = self.resolve(shared.fid());
         let _g = self.stripe(fid).lock().await;
         self.store_locked(fid, shared).await
@@ -822,7 +863,8 @@ impl Venus {
     pub fn release(&self, fh: u64) -> Result<()> {
         let Some(h) = self.handles.lock().unwrap().remove(&fh) else { return Ok(()) };
         let fid = h.shared.fid();
-        let result = if h.write { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
+        let store = h.write || self.is_deferred(self.resolve(fid));
+        let result = if store { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
         if h.write {
             // After the store: until it has updated the node, the container
             // is the truth.
@@ -965,8 +1007,19 @@ impl Venus {
         let name = name_str(name)?;
         common::error::validate_name(name)?;
         let exclusive = flags & libc::O_EXCL != 0;
-        let req = CreateReq { dir, name: name.to_string(), mode: mode & 0o7777, exclusive };
-        let fid = match self.mutate(
+        let fid = match self.defer_create(dir, name, mode & 0o7777, exclusive)? {
+            Some(local) => local,
+            None => self.create_now(dir, name, mode & 0o7777, exclusive)?,
+        };
+        let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
+        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
+        Ok((attr, fh, shared))
+    }
+
+    /// Creates a file on the server (or in the log) at once.
+    fn create_now(&self, dir: Fid, name: &str, mode: u32, exclusive: bool) -> Result<Fid> {
+        let req = CreateReq { dir, name: name.to_string(), mode, exclusive, content: None };
+        match self.mutate(
             |seq| self.call(seq, Request::Create(req.clone())),
             |r| match r {
                 Reply::Create(e) => Some(e),
@@ -986,16 +1039,11 @@ impl Venus {
                     });
                     self.cache.set_size(fid, 0);
                 }
-                fid
+                Ok(fid)
             }
-            Err(Mutation::Offline(seq)) => {
-                self.logged(seq, |seq| self.offline_create(dir, name, mode & 0o7777, exclusive, seq))?
-            }
-            Err(Mutation::Failed(e)) => return Err(e),
-        };
-        let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
-        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
-        Ok((attr, fh, shared))
+            Err(Mutation::Offline(seq)) => self.logged(seq, |seq| self.offline_create(dir, name, mode, exclusive, seq)),
+            Err(Mutation::Failed(e)) => Err(e),
+        }
     }
 
     pub fn mkdir(&self, dir: Fid, name: &std::ffi::OsStr, mode: u32) -> Result<Attr> {
@@ -1044,6 +1092,7 @@ impl Venus {
     }
 
     pub fn link(&self, fid: Fid, dir: Fid, name: &std::ffi::OsStr) -> Result<Attr> {
+        self.settle_deferred(fid)?;
         let (fid, dir) = (self.resolve(fid), self.resolve(dir));
         let name = name_str(name)?;
         common::error::validate_name(name)?;
@@ -1067,7 +1116,12 @@ impl Venus {
     pub fn unlink(&self, dir: Fid, name: &std::ffi::OsStr, is_dir: bool) -> Result<()> {
         let dir = self.resolve(dir);
         let name = name_str(name)?;
+        self.settle_deferred_name(dir, name)?;
         let victim = self.listing(dir).ok().and_then(|e| e.get(name).map(|(f, _)| self.resolve(*f)));
+        if let (true, Some(v)) = (is_dir, victim) {
+            // The server decides whether it is empty: it must know its files.
+            self.settle_deferred_in(v)?;
+        }
         let req = if is_dir {
             Request::Rmdir(RmdirReq { dir, name: name.to_string() })
         } else {
@@ -1127,6 +1181,8 @@ impl Venus {
         let (dir, to_dir) = (self.resolve(dir), self.resolve(to_dir));
         let (name, to_name) = (name_str(name)?, name_str(to_name)?);
         common::error::validate_name(to_name)?;
+        self.settle_deferred_name(dir, name)?;
+        self.settle_deferred_name(to_dir, to_name)?;
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(errno(libc::EINVAL, "RENAME_EXCHANGE is not supported"));
         }
@@ -1169,6 +1225,7 @@ impl Venus {
     }
 
     pub fn setattr(&self, fid: Fid, set: SetAttr, fh: Option<u64>) -> Result<(Attr, Duration)> {
+        self.settle_deferred(fid)?;
         let fid = self.resolve(fid);
         let open = fh
             .and_then(|fh| self.handle(fh).ok())

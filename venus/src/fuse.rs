@@ -97,6 +97,10 @@ impl Filesystem for FuseAdapter {
         Ok(())
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.venus.forget(fid(ino));
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.venus.lookup(fid(parent), name) {
             Ok(Found::Entry(a, ttl)) => reply.entry(&ttl, &file_attr(&a), Generation(0)),

@@ -5,6 +5,7 @@ mod cache;
 mod cml;
 mod conflicts;
 mod control;
+mod deferred;
 mod errors;
 mod fs;
 mod fuse;

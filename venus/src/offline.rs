@@ -14,10 +14,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 
 impl Venus {
-    fn new_local_fid(&self) -> Result<Fid> {
-        let n = self.cache.meta_get("next_local").map(|b| crate::cache::be(&b)).unwrap_or(1);
-        self.cache.meta_put("next_local", &(n + 1).to_be_bytes())?;
-        Ok(Fid::local(n))
+    pub(crate) fn new_local_fid(&self) -> Result<Fid> {
+        Ok(Fid::local(self.cache.meta_next("next_local")?))
     }
 
     /// Logs a change; a `seq` from a failed connected attempt is already
@@ -28,7 +26,7 @@ impl Venus {
         self.cache.flush()
     }
 
-    fn local_node(&self, fid: Fid, dir: Fid, name: &str, kind: FileKind, mode: u32, size: u64) -> Node {
+    pub(crate) fn local_node(&self, fid: Fid, dir: Fid, name: &str, kind: FileKind, mode: u32, size: u64) -> Node {
         let now = Timestamp::now();
         let attr = Attr {
             fid,

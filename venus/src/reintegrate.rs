@@ -293,7 +293,13 @@ impl Venus {
                 (Request::Store(req), None, inline)
             }
             CmlOp::Create { dir, name, fid, mode } => (
-                Request::Create(CreateReq { dir: *dir, name: name.clone(), mode: *mode, exclusive: true }),
+                Request::Create(CreateReq {
+                    dir: *dir,
+                    name: name.clone(),
+                    mode: *mode,
+                    exclusive: true,
+                    content: None,
+                }),
                 Some(*fid),
                 0,
             ),
@@ -414,7 +420,7 @@ impl Venus {
 
     /// A local fid got its server fid: cache, log, open files and the
     /// kernel's inode numbers follow.
-    fn adopt_server_fid(&self, local: Fid, server: Fid, attr: &Attr, promise: Option<i64>) -> Result<()> {
+    pub(crate) fn adopt_server_fid(&self, local: Fid, server: Fid, attr: &Attr, promise: Option<i64>) -> Result<()> {
         let still_logged = self.cml.any(|r| r.op.fids().contains(&local) && r.op.kind() == "store");
         // A record resent after a crash may already carry the server's fid.
         let renumber = local != server;
@@ -486,14 +492,7 @@ impl Venus {
             let dir = self.resolve(dir);
             tokio::task::block_in_place(|| self.invalidate_kernel_entry(dir, &name));
         }
-        let path_in = |dir: Fid, name: &str| {
-            let p = self.cache.path_of(self.resolve(dir));
-            if p == "/" {
-                format!("/{name}")
-            } else {
-                format!("{p}/{name}")
-            }
-        };
+        let path_in = |dir: Fid, name: &str| self.path_in(dir, name);
         match (&rec.op, err) {
             (CmlOp::Store { fid, base, .. }, FsError::Conflict(a))
                 if self.holds_content_of(self.resolve(*fid), base, &a) =>
@@ -630,7 +629,7 @@ impl Venus {
             }
             if let CmlOp::Create { dir, name, fid, .. } = &rec.op {
                 if *fid != local {
-                    let path = format!("{}/{name}", self.cache.path_of(*dir));
+                    let path = self.path_in(*dir, name);
                     let container = File::open(self.cache.container_path(*fid)).ok();
                     self.record_conflict(
                         ConflictKind::CreateCreate,

@@ -278,6 +278,7 @@ impl Venus {
                     name: name.to_string(),
                     mode: 0o644,
                     exclusive: false,
+                    content: None,
                 }))
                 .await?
                 .attr

@@ -1,0 +1,206 @@
+//! Files created without `O_EXCL` reach the server at their first close
+//! (`venus/src/deferred.rs`): one request where a create and a store were
+//! two, and every path that needs the server to know the file earlier
+//! (renames, removals, a disconnection, a name taken meanwhile) still keeps
+//! what was written.
+
+use crate::support::{eventually, Afsd, TestDir, VenusMount};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+/// Opens `path` the way `open(O_WRONLY | O_CREAT | O_TRUNC)` does (no O_EXCL).
+fn create(path: &std::path::Path) -> fs::File {
+    fs::OpenOptions::new().write(true).create(true).truncate(true).open(path).unwrap()
+}
+
+#[test]
+fn a_small_new_file_reaches_the_server_in_one_request_at_close() {
+    let dir = TestDir::new("create-on-close");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    fs::create_dir(a.path("out")).unwrap();
+    fs::read_dir(a.path("out")).unwrap().for_each(drop);
+    let (creates, stores) = (afsd.rpcs("create"), afsd.rpcs("store"));
+
+    let mut f = create(&a.path("out/x.o"));
+    f.write_all(b"object code").unwrap();
+    // Not closed yet: this mount sees the file, the server does not.
+    assert_eq!(fs::read(a.path("out/x.o")).unwrap(), b"object code");
+    assert!(!afsd.export.join("out/x.o").exists(), "the server has the file before its close");
+    drop(f);
+    // The kernel still knows the file by its local number.
+    assert_eq!(a.status()["aliases"], 1);
+
+    assert_eq!(fs::read(afsd.export.join("out/x.o")).unwrap(), b"object code");
+    assert_eq!(fs::read(b.path("out/x.o")).unwrap(), b"object code");
+    assert_eq!(afsd.rpcs("create"), creates + 1, "one create");
+    assert_eq!(afsd.rpcs("store"), stores, "and no store: the content came with the create");
+    let names: Vec<_> = fs::read_dir(a.path("out")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec!["x.o"]);
+
+    // The file is an ordinary one from now on: written again, it is stored.
+    fs::write(a.path("out/x.o"), "relinked").unwrap();
+    assert_eq!(fs::read_to_string(b.path("out/x.o")).unwrap(), "relinked");
+    assert_eq!(afsd.rpcs("store"), stores + 1);
+
+    // An empty file (touch) is created at close too.
+    drop(create(&a.path("out/empty")));
+    assert_eq!(fs::metadata(afsd.export.join("out/empty")).unwrap().len(), 0);
+    // A file larger than a create carries is created, then stored.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(a.path("out/big"), &big).unwrap();
+    assert_eq!(fs::read(afsd.export.join("out/big")).unwrap(), big);
+    assert_eq!(fs::read(b.path("out/big")).unwrap(), big);
+    // Those numbers are forgotten with the kernel's inodes.
+    crate::support::drop_kernel_caches();
+    assert!(eventually(Duration::from_secs(10), || a.status()["aliases"] == 0), "{}", a.status());
+}
+
+#[test]
+fn a_file_not_yet_on_the_server_can_be_renamed_changed_and_removed_while_open() {
+    let dir = TestDir::new("create-on-close-edits");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    fs::create_dir(a.path("d")).unwrap();
+    fs::read_dir(a.path("d")).unwrap().for_each(drop);
+
+    // Renamed while open: the server learns the file first, then the rename.
+    let mut f = create(&a.path("d/tmp"));
+    f.write_all(b"first half ").unwrap();
+    fs::rename(a.path("d/tmp"), a.path("d/final")).unwrap();
+    f.write_all(b"second half").unwrap();
+    drop(f);
+    assert!(!afsd.export.join("d/tmp").exists());
+    assert_eq!(fs::read_to_string(b.path("d/final")).unwrap(), "first half second half");
+
+    // chmod and truncate while open.
+    let mut f = create(&a.path("d/script"));
+    f.write_all(b"#!/bin/sh\necho hi\nrest").unwrap();
+    fs::set_permissions(a.path("d/script"), fs::Permissions::from_mode(0o755)).unwrap();
+    f.set_len(18).unwrap();
+    drop(f);
+    assert_eq!(fs::read_to_string(b.path("d/script")).unwrap(), "#!/bin/sh\necho hi\n");
+    assert_eq!(fs::metadata(b.path("d/script")).unwrap().permissions().mode() & 0o777, 0o755);
+
+    // Removed while open: gone everywhere once closed.
+    let mut f = create(&a.path("d/scratch"));
+    f.write_all(b"scratch").unwrap();
+    fs::remove_file(a.path("d/scratch")).unwrap();
+    drop(f);
+    assert!(!a.path("d/scratch").exists());
+    assert!(!b.path("d/scratch").exists());
+    assert!(!afsd.export.join("d/scratch").exists());
+
+    // A directory holding a file not yet on the server is not empty.
+    fs::create_dir(a.path("d/sub")).unwrap();
+    fs::read_dir(a.path("d/sub")).unwrap().for_each(drop);
+    let f = create(&a.path("d/sub/keep"));
+    let err = fs::remove_dir(a.path("d/sub")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "{err}");
+    drop(f);
+    assert!(b.path("d/sub/keep").exists());
+}
+
+#[test]
+fn a_name_another_client_takes_before_the_close_keeps_both_files() {
+    let dir = TestDir::new("create-on-close-race");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    fs::read_dir(a.path("")).unwrap().for_each(drop);
+
+    let mut f = create(&a.path("report"));
+    f.write_all(b"A's report").unwrap();
+    fs::write(b.path("report"), "B's report").unwrap();
+    let err = f.sync_all().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "the close reports the clash: {err}");
+    drop(f);
+
+    assert_eq!(fs::read_to_string(afsd.export.join("report")).unwrap(), "B's report");
+    assert_eq!(fs::read_to_string(a.path("report")).unwrap(), "B's report");
+    let list: serde_json::Value = serde_json::from_str(&a.ok(&["conflicts", "list", "--json"])).unwrap();
+    let c = list["conflicts"].as_array().unwrap().iter().find(|c| c["path"] == "/report").cloned();
+    let c = c.unwrap_or_else(|| panic!("no conflict for /report: {list}"));
+    assert_eq!(c["kind"], "create/create", "{c}");
+    assert_eq!(fs::read_to_string(c["local_copy"].as_str().unwrap()).unwrap(), "A's report");
+}
+
+#[test]
+fn a_file_whose_server_is_gone_at_its_close_is_logged_and_reintegrated() {
+    let dir = TestDir::new("create-on-close-offline");
+    let mut afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    fs::read_dir(a.path("")).unwrap().for_each(drop);
+
+    let mut f = create(&a.path("notes"));
+    f.write_all(b"written ").unwrap();
+    // (`venus disconnect` would not do here: running any program closes
+    // the descriptors it inherits, and that close creates the file.)
+    afsd.kill();
+    f.write_all(b"offline").unwrap();
+    drop(f);
+    assert_eq!(a.status()["state"], "disconnected");
+    assert!(a.status()["cml_records"].as_u64().unwrap() >= 1, "the create is logged");
+    assert!(!afsd.export.join("notes").exists());
+    assert_eq!(fs::read_to_string(a.path("notes")).unwrap(), "written offline");
+
+    afsd.restart();
+    assert!(eventually(Duration::from_secs(30), || a.status()["cml_records"] == 0));
+    assert_eq!(fs::read_to_string(afsd.export.join("notes")).unwrap(), "written offline");
+    assert_eq!(fs::read_to_string(a.path("notes")).unwrap(), "written offline");
+    let b = VenusMount::start(dir.path(), "b", &afsd);
+    assert_eq!(fs::read_to_string(b.path("notes")).unwrap(), "written offline");
+}
+
+#[test]
+fn a_file_open_when_venus_is_killed_is_created_after_the_restart() {
+    let dir = TestDir::new("create-on-close-crash");
+    let afsd = Afsd::start(dir.path());
+    let mut a = VenusMount::start(dir.path(), "a", &afsd);
+    fs::read_dir(a.path("")).unwrap().for_each(drop);
+
+    let mut f = create(&a.path("draft"));
+    f.write_all(b"kept through a crash").unwrap();
+    // The local record reaches the disk within sled's flush interval.
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill();
+    drop(f);
+    a.restart();
+    assert!(eventually(Duration::from_secs(20), || a.status()["cml_records"] == 0));
+    assert_eq!(fs::read_to_string(afsd.export.join("draft")).unwrap(), "kept through a crash");
+    assert_eq!(fs::read_to_string(a.path("draft")).unwrap(), "kept through a crash");
+}
+
+#[test]
+fn a_create_whose_reply_a_server_crash_lost_runs_once_and_keeps_the_content() {
+    let dir = TestDir::new("create-on-close-lost-reply");
+    let mut afsd = Afsd::start_with(dir.path(), &[("AFSD_FAILPOINT", "crash-before-reply:create")]);
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    fs::read_dir(a.path("")).unwrap().for_each(drop);
+
+    // The server commits the create, content and all, and dies before its
+    // reply: venus logs the create under the same transaction id.
+    let mut f = create(&a.path("result"));
+    f.write_all(b"computed").unwrap();
+    drop(f);
+    assert!(afsd.wait_exit(Duration::from_secs(10)), "afsd should abort at the failpoint");
+    assert!(a.status()["cml_records"].as_u64().unwrap() >= 1, "the create is logged");
+
+    afsd.set_env(&[]);
+    afsd.restart();
+    let settled = eventually(Duration::from_secs(30), || {
+        let s = a.status();
+        s["cml_records"] == 0 && s["state"] == "connected"
+    });
+    assert!(settled, "{}", a.status());
+    assert_eq!(fs::read_to_string(afsd.export.join("result")).unwrap(), "computed");
+    assert_eq!(fs::read_to_string(a.path("result")).unwrap(), "computed");
+    let list: serde_json::Value = serde_json::from_str(&a.ok(&["conflicts", "list", "--json"])).unwrap();
+    assert_eq!(list["conflicts"].as_array().unwrap().len(), 0, "not a conflict with itself: {list}");
+    let names: Vec<_> = fs::read_dir(&afsd.export).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec!["result"], "created once");
+}
