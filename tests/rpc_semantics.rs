@@ -237,7 +237,7 @@ async fn server_crash_during_a_create_with_content_keeps_every_byte() {
         let mtime = Timestamp { secs: 1_700_000_000, nanos: 5 };
         let mut req = create("made");
         req.exclusive = false;
-        req.content = Some(NewContent { data: data.clone().into(), mtime });
+        req.content = Some(NewContent { data: StoreData::Inline(data.clone().into()), size: data.len() as u64, mtime });
         let c = client.clone();
         let mut call = Some(tokio::spawn(async move { c.create(req).await }));
         if failpoint == "hold-settle" {
@@ -264,8 +264,8 @@ async fn server_crash_during_a_create_with_content_keeps_every_byte() {
     }
 }
 
-/// Content comes only with a new small file: a create with content never
-/// opens an existing file, and too much content is refused.
+/// A create with content never opens an existing file, refuses content
+/// that does not match its size, and takes large content staged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_create_with_content_never_writes_over_an_existing_file() {
     let dir = TestDir::new("create-content-exists");
@@ -274,15 +274,31 @@ async fn a_create_with_content_never_writes_over_an_existing_file() {
     client.create(create("taken")).await.unwrap();
     let mut req = create("taken");
     req.exclusive = false;
-    req.content = Some(NewContent { data: b"mine".to_vec().into(), mtime: Timestamp::now() });
+    req.content =
+        Some(NewContent { data: StoreData::Inline(b"mine".to_vec().into()), size: 4, mtime: Timestamp::now() });
     let err = client.create(req).await.unwrap_err();
     assert!(matches!(err, RpcError::Fs(FsError::Exists)), "{err:?}");
     assert_eq!(std::fs::read(afsd.export.join("taken")).unwrap(), b"");
-    let mut big = create("big");
-    big.content = Some(NewContent { data: vec![0u8; CREATE_CONTENT_MAX + 1].into(), mtime: Timestamp::now() });
-    let err = client.create(big).await.unwrap_err();
+    let mut short = create("short");
+    short.content =
+        Some(NewContent { data: StoreData::Inline(b"abc".to_vec().into()), size: 4, mtime: Timestamp::now() });
+    let err = client.create(short).await.unwrap_err();
     assert!(matches!(err, RpcError::Fs(FsError::Invalid(_))), "{err:?}");
-    assert!(!afsd.export.join("big").exists());
+    assert!(!afsd.export.join("short").exists());
+    // Larger content is staged first and renamed into place, in one commit.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let stage = client.stage_open(StageOpenReq {}).await.unwrap().handle;
+    for (i, piece) in data.chunks(1 << 20).enumerate() {
+        let w = StageWriteReq { handle: stage, offset: (i << 20) as u64, data: piece.to_vec().into() };
+        client.stage_write(w).await.unwrap();
+    }
+    let mut big = create("big");
+    big.content = Some(NewContent { data: StoreData::Staged(stage), size: data.len() as u64, mtime: Timestamp::now() });
+    let made = client.create(big).await.unwrap();
+    assert_eq!(made.attr.size, data.len() as u64);
+    assert_eq!(std::fs::read(afsd.export.join("big")).unwrap(), data);
+    let names: Vec<_> = std::fs::read_dir(&afsd.export).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "no staging file left in the export: {names:?}");
 }
 
 /// Creates and fills keep their intents until the settler has synced the

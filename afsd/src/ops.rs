@@ -39,7 +39,7 @@ struct NewName {
 
 /// Largest content a store writes in place into an empty file (it travels
 /// in the database's log as part of the commit).
-const FILL_MAX: usize = 64 * 1024;
+const FILL_MAX: usize = CREATE_CONTENT_MAX;
 
 /// A store's new content before it is committed.
 enum Content {
@@ -169,17 +169,65 @@ impl Volume {
 
     /// Creates a file, directory or symlink: the shared body of create,
     /// mkdir and symlink.
-    async fn make(&self, cx: &CallContext, kind: OpKind, new: NewName) -> Result<NewEntry, FsError> {
-        let NewName { dir, name, mode, what, exclusive, content } = new;
-        validate_name(&name)?;
-        if let Some(c) = &content {
-            if !matches!(what, NewKind::File) || c.data.len() > CREATE_CONTENT_MAX.min(FILL_MAX) {
-                return Err(FsError::Invalid("content only comes with a small new file".into()));
-            }
-            if !c.mtime.is_valid() {
-                return Err(FsError::Invalid("mtime out of range".into()));
-            }
+    async fn make(&self, cx: &CallContext, kind: OpKind, mut new: NewName) -> Result<NewEntry, FsError> {
+        validate_name(&new.name)?;
+        let content = match new.content.take() {
+            Some(c) if matches!(new.what, NewKind::File) => Some(self.new_content(cx, new.dir, c)?),
+            Some(_) => return Err(FsError::Invalid("content only comes with a new file".into())),
+            None => None,
+        };
+        let staging = match &content {
+            Some((Content::Staged((name, _)), _)) => Some(name.clone()),
+            _ => None,
+        };
+        let made = self.make_with(cx, kind, new, content).await;
+        if let (Err(_), Some(name)) = (&made, staging) {
+            let _ = std::fs::remove_file(self.staging_path.join(name));
         }
+        made
+    }
+
+    /// A create's content, checked: small bytes to write in place, or a
+    /// staging file (staged by the client, or here for larger bytes).
+    fn new_content(&self, cx: &CallContext, dir: Fid, c: NewContent) -> Result<(Content, Timestamp), FsError> {
+        if !c.mtime.is_valid() {
+            return Err(FsError::Invalid("mtime out of range".into()));
+        }
+        let content = match c.data {
+            StoreData::Inline(bytes) if bytes.len() as u64 != c.size => {
+                return Err(FsError::Invalid(format!("{} bytes sent for a size of {}", bytes.len(), c.size)));
+            }
+            StoreData::Inline(bytes) if bytes.len() <= FILL_MAX => Content::Bytes(bytes),
+            StoreData::Inline(bytes) => {
+                Content::Staged(self.stage_bytes(self.open_dir(dir).ok().map(|(d, _)| d).as_ref(), &bytes)?)
+            }
+            StoreData::Staged(h) => {
+                let handle = self.handles.take(cx.client(), h).ok_or(FsError::Stale)?;
+                let Kind::Stage(name) = &handle.kind else {
+                    return Err(FsError::Invalid("not a stage handle".into()));
+                };
+                let staged = (name.clone(), handle.file.try_clone()?);
+                let len = staged.1.metadata()?.len();
+                if len != c.size {
+                    let _ = std::fs::remove_file(self.staging_path.join(name));
+                    return Err(FsError::Invalid(format!("staged {len} bytes for a size of {}", c.size)));
+                }
+                Content::Staged(staged)
+            }
+        };
+        Ok((content, c.mtime))
+    }
+
+    /// `make` with the content taken in (the caller drops a staging file
+    /// this fails to use).
+    async fn make_with(
+        &self,
+        cx: &CallContext,
+        kind: OpKind,
+        new: NewName,
+        content: Option<(Content, Timestamp)>,
+    ) -> Result<NewEntry, FsError> {
+        let NewName { dir, name, mode, what, exclusive, .. } = new;
         if self.hidden(dir, &name) {
             return Err(FsError::Access);
         }
@@ -198,8 +246,13 @@ impl Volume {
             return Err(FsError::Exists);
         }
         let now = Timestamp::now();
+        let size = match &content {
+            Some((Content::Bytes(b), _)) => b.len() as u64,
+            Some((Content::Staged((_, f)), _)) => f.metadata()?.len(),
+            None => 0,
+        };
         let (fkind, perm, size) = match &what {
-            NewKind::File => (FileKind::File, mode & 0o7777, content.as_ref().map_or(0, |c| c.data.len() as u64)),
+            NewKind::File => (FileKind::File, mode & 0o7777, size),
             NewKind::Dir => (FileKind::Dir, mode & 0o7777, 0),
             NewKind::Symlink(t) => (FileKind::Symlink, 0o777, t.len() as u64),
         };
@@ -216,7 +269,7 @@ impl Volume {
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
             atime: now,
-            mtime: content.as_ref().map_or(now, |c| c.mtime),
+            mtime: content.as_ref().map_or(now, |(_, mtime)| *mtime),
             ctime: now,
             version: obj.version.clone(),
         };
@@ -226,15 +279,32 @@ impl Volume {
             // Written whole by the intent, like a store into an empty file:
             // the bytes are in the commit, so a crash is repaired by
             // writing them again.
-            Some(c) => Intent::Fill {
+            Some((Content::Bytes(data), mtime)) => Intent::Fill {
                 fid,
                 version: obj.version.clone(),
                 dir: dpath.names().to_vec(),
                 name: name.clone(),
-                data: c.data.to_vec(),
+                data: data.to_vec(),
                 mode: perm,
-                mtime: c.mtime,
+                mtime,
             },
+            // Renamed into place, like a large store (never over a name
+            // the database does not know, such as a FIFO).
+            Some((Content::Staged((staging, file)), mtime)) => {
+                tokio::task::block_in_place(|| -> Result<(), FsError> {
+                    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
+                    file.set_modified(mtime.into())?;
+                    // The content must be on disk before the commit says it is.
+                    Ok(file.sync_all()?)
+                })?;
+                Intent::Install {
+                    staging,
+                    dir: dpath.names().to_vec(),
+                    name: name.clone(),
+                    others: Vec::new(),
+                    new: true,
+                }
+            }
             None => Intent::Create {
                 dir: dpath.names().to_vec(),
                 name: name.clone(),
@@ -522,7 +592,7 @@ impl Service for Volume {
             let plan = Plan {
                 objects: vec![(req.fid, Some(new_obj))],
                 dirents: vec![],
-                intent: Some(Intent::Install { staging, dir: dpath.names().to_vec(), name, others }),
+                intent: Some(Intent::Install { staging, dir: dpath.names().to_vec(), name, others, new: false }),
                 reseen: [req.fid].into_iter().chain(parents.iter().copied()).collect(),
                 breaks: vec![req.fid],
             };

@@ -96,6 +96,9 @@ pub enum Intent {
         name: String,
         #[serde(default)]
         others: Vec<(Vec<String>, String)>,
+        /// A new file (a create with content): nothing may be replaced.
+        #[serde(default)]
+        new: bool,
     },
     /// Write small content into the file `dir/name` in place (a store into
     /// an empty file; see `ops.rs`). `version` is the one the store made:
@@ -732,9 +735,10 @@ impl Volume {
     }
 
     /// Makes the export match an intent. Idempotent. Creates and fills
-    /// return the descriptor whose fsync makes them durable, for the caller
-    /// to sync (now, or deferred: see `settle.rs`); every other change is
-    /// durable when this returns.
+    /// return the descriptors whose fsyncs make them durable (a fill that
+    /// made the file: the file and its directory), for the caller to sync
+    /// (now, or deferred: see `settle.rs`); every other change is durable
+    /// when this returns.
     pub fn apply(&self, intent: &Intent) -> Result<Vec<std::fs::File>, FsError> {
         let rel = |v: &Vec<String>| RelPath::from_names(v.clone());
         match intent {
@@ -763,9 +767,9 @@ impl Volume {
                 }
                 Ok(vec![d.into_file()])
             }
-            Intent::Install { staging, dir, name, others } => {
+            Intent::Install { staging, dir, name, others, new } => {
                 let d = self.export.dir(&rel(dir)?)?;
-                match d.rename_from(&self.staging, staging, name, false) {
+                match d.rename_from(&self.staging, staging, name, *new) {
                     Ok(()) => d.sync()?,
                     // Already installed before a crash.
                     Err(FsError::NotFound) if self.staging.lstat(staging).is_err() => {}
@@ -796,8 +800,12 @@ impl Volume {
                 // The commit says this is the file's content: it is written
                 // whatever happened to the file since (after a crash, even
                 // its creation may not have reached the disk).
-                let (f, created) = match d.open(name, libc::O_WRONLY, 0) {
-                    Ok(f) => (f, false),
+                // Non-blocking, and only a regular file: the name may be a
+                // FIFO or a device made in the export behind the database's
+                // back (a create with content finds it there, say).
+                let (f, created) = match d.open(name, libc::O_WRONLY | libc::O_NONBLOCK, 0) {
+                    Ok(f) if f.metadata()?.is_file() => (f, false),
+                    Ok(_) => return Err(FsError::Exists),
                     Err(FsError::NotFound) => {
                         (d.open(name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, *mode)?, true)
                     }

@@ -193,13 +193,15 @@ pub struct CreateReq {
     pub content: Option<NewContent>,
 }
 
-/// Most bytes a create may carry (larger files are created, then stored).
+/// Content up to this size is written in place by the commit's intent
+/// (larger content is staged and renamed into place).
 pub const CREATE_CONTENT_MAX: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NewContent {
-    #[serde(with = "bytes_in_body")]
-    pub data: Bytes,
+    /// As a store's: inline, or staged beforehand.
+    pub data: StoreData,
+    pub size: u64,
     pub mtime: Timestamp,
 }
 

@@ -90,6 +90,10 @@ pub struct Node {
     /// The transaction id of a store in flight (kept across a crash).
     #[serde(default)]
     pub store_seq: Option<u64>,
+    /// Made locally; its server create waits for its first close
+    /// (`deferred.rs`). A crash of venus leaves it set: the restart logs the create.
+    #[serde(default)]
+    pub awaiting_create: bool,
 }
 
 impl Node {
@@ -107,6 +111,7 @@ impl Node {
             last_used: 0,
             hoard: 0,
             store_seq: None,
+            awaiting_create: false,
         }
     }
 
@@ -141,7 +146,7 @@ pub struct Cache {
     clock: AtomicU64,
     pub limit: u64,
     /// Old container names of renumbered objects (see `link_container`).
-    unlink_after_flush: Mutex<Vec<PathBuf>>,
+    unlink_after_flush: Mutex<Vec<(PathBuf, Fid)>>,
     /// Large directory nodes changed in memory and not yet in sled.
     deferred: Mutex<HashSet<Fid>>,
     /// sled's log file: sled's flush ends with `sync_file_range` only, so
@@ -502,9 +507,27 @@ impl Cache {
             Err(_) => false,
         };
         if linked {
-            self.unlink_after_flush.lock().unwrap().push(old);
+            self.unlink_after_flush.lock().unwrap().push((old, to));
         }
         linked
+    }
+
+    /// Dropping a container's old name moved its ctime: a node in step with
+    /// the server stays so (else the next start would take the container
+    /// for one written while venus was down, and store it again).
+    fn restamp(&self, fid: Fid) {
+        let Ok(meta) = std::fs::metadata(self.container_path(fid)) else { return };
+        let now = ContainerStamp::of(&meta);
+        let mut nodes = self.nodes.lock().unwrap();
+        if let Some(n) = nodes.get_mut(&fid) {
+            match n.clean {
+                Some(c) if (c.ino, c.size, c.mtime) == (now.ino, now.size, now.mtime) && c != now => {
+                    n.clean = Some(now);
+                    self.persist(fid, n);
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Flushes if container names wait to be dropped (objects renumbered
@@ -530,8 +553,9 @@ impl Cache {
             self.unlink_after_flush.lock().unwrap().extend(unlink);
             return Err(e);
         }
-        for p in unlink {
-            let _ = std::fs::remove_file(p);
+        for (old, to) in unlink {
+            let _ = std::fs::remove_file(old);
+            self.restamp(to);
         }
         Ok(())
     }

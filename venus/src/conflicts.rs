@@ -110,6 +110,29 @@ impl Conflicts {
         Ok(id)
     }
 
+    /// Replaces conflict `id`'s local copy with `src` (written after the
+    /// conflict was recorded, through a descriptor still open): a new file
+    /// beside it, fsynced, then renamed over it.
+    pub fn replace_local(&self, id: u64, src: &File) -> Result<()> {
+        let path = self.local_copy(id);
+        let tmp = path.with_extension("local.new");
+        let mut out = File::create(&tmp)?;
+        let mut src = src;
+        std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+        std::io::copy(&mut src, &mut out)?;
+        out.sync_all()?;
+        let size = out.metadata()?.len();
+        std::fs::rename(&tmp, &path)?;
+        if let Some(v) = self.tree.get(id.to_be_bytes())? {
+            if let Ok(mut c) = rmp_serde::from_slice::<Conflict>(&v) {
+                c.local.size = size;
+                self.tree.insert(id.to_be_bytes(), rmp_serde::to_vec_named(&c).expect("conflicts encode"))?;
+                self.tree.flush()?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn list(&self) -> Vec<Conflict> {
         self.tree.iter().flatten().filter_map(|(_, v)| rmp_serde::from_slice(&v).ok()).collect()
     }

@@ -25,11 +25,13 @@ use crate::cache::ContainerStamp;
 use crate::cml::CmlOp;
 use crate::conflicts::ConflictKind;
 use crate::errors::{errno, Result};
+use crate::fs::Shared;
 use crate::fs::{promise_exp, Venus};
-use common::proto::{CreateReq, NewContent, Reply, Request, CREATE_CONTENT_MAX};
+use common::proto::{CreateReq, NewContent, Reply, Request};
+use common::rpc::store_request;
 use common::{Fid, FileKind, FsError, VersionVector};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 /// A file created locally and not yet on the server.
 #[derive(Clone, Debug)]
@@ -60,6 +62,7 @@ impl Venus {
         let f = File::create(self.cache.container_path(fid))?;
         node.cached = true;
         node.clean = Some(ContainerStamp::of(&f.metadata()?));
+        node.awaiting_create = true;
         self.cache.insert(fid, node);
         self.cache.set_size(fid, 0);
         self.deferred.lock().unwrap().insert(fid, Deferred { dir, name: name.to_string(), mode });
@@ -120,20 +123,21 @@ impl Venus {
             self.log_deferred(local, &d, None)?;
             return Ok(local);
         }
-        let container = File::open(self.cache.container_path(local))?;
-        let meta = container.metadata()?;
-        let sent = ContainerStamp::of(&meta);
-        let content = match meta.len() as usize {
-            len if len <= CREATE_CONTENT_MAX => {
-                let mut data = vec![0u8; len];
-                container.read_exact_at(&mut data, 0)?;
-                Some(NewContent { data: data.into(), mtime: sent.mtime })
+        let container = Arc::new(File::open(self.cache.container_path(local))?);
+        let sent = ContainerStamp::of(&container.metadata()?);
+        // Large content is staged first, as for a store.
+        let staged = store_request(&self.client, local, VersionVector::new(), container, Some(sent.mtime), None).await;
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) if e.is_transport() => {
+                self.link.lost(format!("staging a new file failed: {e}"));
+                self.log_deferred(local, &d, None)?;
+                return Ok(local);
             }
-            _ => None,
+            Err(e) => return Err(e.into()),
         };
-        let with_content = content.is_some();
+        let content = Some(NewContent { data: staged.data, size: staged.size, mtime: sent.mtime });
         let req = CreateReq { dir: d.dir, name: d.name.clone(), mode: d.mode, exclusive: true, content };
-        self.counters.stores.fetch_add(with_content as u64, std::sync::atomic::Ordering::Relaxed);
         let seq = self.client.allocate_sequence();
         let result = self.client.call_with_seq(seq, Request::Create(req)).await;
         if !matches!(&result, Err(e) if e.is_transport()) {
@@ -141,20 +145,23 @@ impl Venus {
         }
         match result {
             Ok(Reply::Create(e)) => {
+                // A listing fetched before the create may lack the file,
+                // and it is no longer merged in from here: no promise for it.
+                self.bump_gen(d.dir);
                 self.deferred.lock().unwrap().remove(&local);
                 let server = e.attr.fid;
                 self.adopt_server_fid(local, server, &e.attr, promise_exp(e.promise))?;
                 self.after_dir_change(d.dir, Some(e.dir), None, None);
                 // In step with the server only if nobody wrote since the
-                // content was read (and it was sent at all). The container
-                // was linked to its new name since: its ctime moved.
+                // content was read. The container was linked to its new
+                // name since: its ctime moved.
                 let now = std::fs::metadata(self.cache.container_path(server)).map(|m| ContainerStamp::of(&m)).ok();
-                let in_step =
-                    with_content && now.is_some_and(|n| (n.ino, n.size, n.mtime) == (sent.ino, sent.size, sent.mtime));
+                let in_step = now.is_some_and(|n| (n.ino, n.size, n.mtime) == (sent.ino, sent.size, sent.mtime));
                 let synced = if in_step { now } else { None };
                 self.cache.update(server, |n| {
                     n.dirty = !in_step;
                     n.clean = synced;
+                    n.awaiting_create = false;
                 });
                 if let Some((_, shared)) = self.opened.lock().unwrap().get(&server) {
                     *shared.synced.lock().unwrap() = synced.unwrap_or_default();
@@ -171,7 +178,7 @@ impl Venus {
             }
             Err(common::rpc::RpcError::Fs(e)) => {
                 self.refuse_deferred(local, &d, e).await?;
-                Err(errno(libc::EIO, "create refused: the file is kept as a conflict (see venus conflicts list)"))
+                Err(refused_error())
             }
             Err(e) => Err(e.into()),
         }
@@ -182,6 +189,7 @@ impl Venus {
     /// content like any offline store.
     fn log_deferred(&self, local: Fid, d: &Deferred, seq: Option<u64>) -> Result<()> {
         self.cml.append(CmlOp::Create { dir: d.dir, name: d.name.clone(), fid: local, mode: d.mode }, seq)?;
+        self.cache.update(local, |n| n.awaiting_create = false);
         self.deferred.lock().unwrap().remove(&local);
         self.cache.update(d.dir, |n| n.dirty = true);
         self.cache.flush()
@@ -201,7 +209,13 @@ impl Venus {
         let container = File::open(self.cache.container_path(local)).ok();
         let kind = if e == FsError::Exists { ConflictKind::CreateCreate } else { ConflictKind::Refused };
         tracing::warn!(%path, "the server refused a file created on close: {e}; kept as a conflict");
-        self.record_conflict(kind, &path, server, container.as_ref(), None, e.to_string())?;
+        let id = self.record_conflict(kind, &path, server, container.as_ref(), None, e.to_string())?;
+        // Handles still open keep writing to the container: later closes
+        // copy it into the conflict again (`keep_refused`).
+        self.refused.lock().unwrap().insert(local, id);
+        if let (Some((_, shared)), Some(c)) = (self.opened.lock().unwrap().get(&local), container.as_ref()) {
+            *shared.synced.lock().unwrap() = ContainerStamp::of(&c.metadata()?);
+        }
         self.deferred.lock().unwrap().remove(&local);
         self.cache.remove(local);
         // The listing showed the local file: it is fetched afresh.
@@ -222,18 +236,49 @@ impl Venus {
         Ok(())
     }
 
-    /// After a crash: local files no log record creates were deferred
-    /// creates cut short; they are logged now, content and all.
+    /// Deferred files no handle holds any more (their last close failed
+    /// with the file still deferred): created now, while connected.
+    pub(crate) async fn create_orphaned_deferred(&self) {
+        let fids: Vec<Fid> = self.deferred.lock().unwrap().keys().copied().collect();
+        for fid in fids.into_iter().filter(|f| !self.is_open(*f)) {
+            let _g = self.stripe(fid).lock().await;
+            if let Err(e) = self.create_deferred(fid).await {
+                tracing::warn!(%fid, "creating a closed file on the server failed: {e}");
+            }
+        }
+    }
+
+    /// The conflict a refused deferred create became, while handles of it are open.
+    pub(crate) fn refused_conflict(&self, fid: Fid) -> Option<u64> {
+        if !fid.is_local() {
+            return None;
+        }
+        self.refused.lock().unwrap().get(&fid).copied()
+    }
+
+    /// A close of a file whose create was refused: what was written since
+    /// goes into the conflict's copy, and the close fails again.
+    pub(crate) fn keep_refused(&self, id: u64, shared: &Shared) -> Result<()> {
+        let now = ContainerStamp::of(&shared.file.metadata()?);
+        let mut synced = shared.synced.lock().unwrap();
+        if *synced != now {
+            self.conflicts.replace_local(id, &shared.file)?;
+            *synced = now;
+        }
+        Err(refused_error())
+    }
+
+    /// After a crash: files still awaiting their create are logged now,
+    /// content and all. (One whose create the server ran before the crash
+    /// is recognised at reintegration: `Venus::is_own_create`.)
     pub(crate) fn log_interrupted_creates(&self) -> Result<usize> {
-        let aliases = self.aliases_snapshot();
-        let logged: std::collections::HashSet<Fid> = self.cml.records().iter().flat_map(|r| r.op.fids()).collect();
         let mut n = 0;
         for (fid, node) in self.cache.all() {
-            if !fid.is_local()
-                || node.attr.kind != FileKind::File
-                || aliases.contains_key(&fid)
-                || logged.contains(&fid)
-            {
+            if !node.awaiting_create {
+                continue;
+            }
+            self.cache.update(fid, |n| n.awaiting_create = false);
+            if !fid.is_local() || node.attr.nlink == 0 || node.attr.kind != FileKind::File {
                 continue;
             }
             let Some((dir, name)) = node.parent.clone() else { continue };
@@ -245,4 +290,8 @@ impl Venus {
         }
         Ok(n)
     }
+}
+
+fn refused_error() -> crate::errors::VenusError {
+    errno(libc::EIO, "create refused: the file is kept as a conflict (see venus conflicts list)")
 }

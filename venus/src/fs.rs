@@ -126,6 +126,9 @@ pub struct Venus {
     pub counters: Counters,
     /// Files whose server create waits for their first close (`deferred.rs`).
     pub(crate) deferred: Mutex<HashMap<Fid, crate::deferred::Deferred>>,
+    /// Deferred creates the server refused, still open: local fid -> the
+    /// conflict that keeps their content.
+    pub(crate) refused: Mutex<HashMap<Fid, u64>>,
 }
 
 pub(crate) fn name_str(name: &std::ffi::OsStr) -> Result<&str> {
@@ -176,6 +179,7 @@ impl Venus {
             last_walk: Mutex::new(None),
             counters: Counters::default(),
             deferred: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         };
         venus.recover()?;
         Ok(venus)
@@ -202,6 +206,12 @@ impl Venus {
 
     pub(crate) fn stripe(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
         &self.stripes[(fid.0 as usize) % STRIPES]
+    }
+
+    /// Makes a listing or attributes fetched before now unfit to keep a
+    /// promise (as a break does).
+    pub(crate) fn bump_gen(&self, fid: Fid) {
+        *self.break_gen.lock().unwrap().entry(fid).or_insert(0) += 1;
     }
 
     fn gen(&self, fid: Fid) -> u64 {
@@ -710,6 +720,9 @@ impl Venus {
 
     pub(crate) async fn store_shared(&self, shared: &Shared) -> Result<()> {
         let fid = self.resolve(shared.fid());
+        if let Some(conflict) = self.refused_conflict(fid) {
+            return self.keep_refused(conflict, shared);
+        }
         if self.is_deferred(fid) {
             // Created on the server first, with the content if it is small.
             let _g = self.stripe(fid).lock().await;
@@ -862,15 +875,19 @@ impl Venus {
 
     pub fn release(&self, fh: u64) -> Result<()> {
         let Some(h) = self.handles.lock().unwrap().remove(&fh) else { return Ok(()) };
-        let fid = h.shared.fid();
-        let store = h.write || self.is_deferred(self.resolve(fid));
+        let store = h.write || self.is_deferred(self.resolve(h.shared.fid()));
         let result = if store { self.rt.block_on(self.store_shared(&h.shared)) } else { Ok(()) };
         if h.write {
             // After the store: until it has updated the node, the container
             // is the truth.
             h.shared.writers.fetch_sub(1, Ordering::Relaxed);
         }
+        // Read after the store, which may have given the file its server fid.
+        let fid = h.shared.fid();
         self.unopen(fid);
+        if !self.is_open(fid) {
+            self.refused.lock().unwrap().remove(&fid);
+        }
         let fid = self.resolve(fid);
         if !self.cache.contains(fid) {
             // Removed while open: the container goes now.
@@ -1188,6 +1205,10 @@ impl Venus {
         }
         let no_replace = flags & libc::RENAME_NOREPLACE != 0;
         let replaced = self.listing(to_dir).ok().and_then(|e| e.get(to_name).map(|(f, _)| self.resolve(*f)));
+        if let Some(r) = replaced {
+            // A directory replaced must be empty on the server too.
+            self.settle_deferred_in(r)?;
+        }
         let req = RenameReq {
             from_dir: dir,
             from_name: name.to_string(),

@@ -170,13 +170,17 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
         }
     });
     // Every 2 s: container names left by renumbering (a file created on
-    // close gets its server fid), and stores left dirty by a crash.
+    // close gets its server fid), files whose create a failed close left
+    // waiting, and stores left dirty by a crash.
     let v = venus.clone();
     rt.spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             if let Err(e) = tokio::task::block_in_place(|| v.cache.drop_old_names()) {
                 tracing::warn!("cannot flush the cache index: {e}");
+            }
+            if v.link.is_connected() {
+                v.create_orphaned_deferred().await;
             }
             if v.link.is_connected() && v.cml.is_empty() && v.cache.all().iter().any(|(_, n)| n.dirty) {
                 let n = v.store_dirty().await;

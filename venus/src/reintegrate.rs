@@ -475,6 +475,17 @@ impl Venus {
     /// A record the server refused: a conflict with both versions kept, or
     /// nothing to do when the server already has the intended effect.
     async fn refused(&self, rec: &Record, err: FsError, dirs: &mut HashSet<Fid>) -> Result<Refusal> {
+        if let (CmlOp::Create { dir, name, fid, .. }, FsError::Exists) = (&rec.op, &err) {
+            let dir = self.resolve(*dir);
+            if let Some(server) = self.server_attr(dir, name).await.filter(|a| self.is_own_create(*fid, a)) {
+                // This client's own create, whose reply a crash of venus lost
+                // (a file created on close, logged again at the restart).
+                tracing::info!(path = %self.path_in(dir, name), "the server already has this create");
+                self.adopt_server_fid(*fid, server.fid, &server, None)?;
+                dirs.insert(dir);
+                return Ok(Refusal::Harmless);
+            }
+        }
         let detail = err.to_string();
         // The kernel may remember this name as the offline change left it
         // (a removed name as absent, say): the server's version must show.
@@ -650,6 +661,17 @@ impl Venus {
         dirs.insert(local);
         self.cache.remove(local);
         Ok(())
+    }
+
+    /// Whether the server's file is the local file `local` as this client
+    /// created it: nobody else changed it, and it has the container's size
+    /// and mtime (a create on close carries both).
+    fn is_own_create(&self, local: Fid, server: &Attr) -> bool {
+        let v = &server.version;
+        let ours = v.total() > 0 && v.get(&self.client.id()) == v.total();
+        ours && server.kind == common::FileKind::File
+            && std::fs::metadata(self.cache.container_path(local))
+                .is_ok_and(|m| (m.len(), ContainerStamp::of(&m).mtime) == (server.size, server.mtime))
     }
 
     /// Whether the server's version is this client's own store of the
