@@ -7,8 +7,8 @@
 //! while connected and with the directory's listing current (so the name is
 //! known to be free), venus instead makes the file locally,
 //! under a local fid as an offline create would, and creates it on the
-//! server at its first close, fsync or release, with its content when that
-//! is small ([`CREATE_CONTENT_MAX`]): one request, one commit.
+//! server at its first close, fsync or release, with its content (inline
+//! when small, staged first when large): one commit.
 //!
 //! Until then only this client sees the name. Whatever else needs the
 //! server to know the file first creates it there: a rename, link, unlink
@@ -17,16 +17,15 @@
 //! name meanwhile, or the server refuses the create, the content is kept
 //! as a conflict, as reintegration would keep it.
 //!
-//! The record of a deferred create is the local node itself (persisted
-//! without a flush): after a crash of venus, `recover` logs the creates of
-//! those that reached the disk.
+//! The record of a deferred create is its local node, marked
+//! `awaiting_create` (persisted without a flush): after a crash of venus,
+//! `recover` logs the creates of those that reached the disk.
 
 use crate::cache::ContainerStamp;
 use crate::cml::CmlOp;
 use crate::conflicts::ConflictKind;
 use crate::errors::{errno, Result};
-use crate::fs::Shared;
-use crate::fs::{promise_exp, Venus};
+use crate::fs::{promise_exp, Shared, Venus};
 use common::proto::{CreateReq, NewContent, Reply, Request};
 use common::rpc::store_request;
 use common::{Fid, FileKind, FsError, VersionVector};
@@ -112,8 +111,8 @@ impl Venus {
         Ok(())
     }
 
-    /// Creates a deferred file on the server, with its content if small;
-    /// returns the fid it has now (the server's, or still the local one
+    /// Creates a deferred file on the server with its content; returns the
+    /// fid it has now (the server's, or still the local one
     /// when the create went to the log). The caller holds `local`'s stripe.
     pub(crate) async fn create_deferred(&self, local: Fid) -> Result<Fid> {
         let Some(d) = self.deferred.lock().unwrap().get(&local).cloned() else {

@@ -724,7 +724,7 @@ impl Venus {
             return self.keep_refused(conflict, shared);
         }
         if self.is_deferred(fid) {
-            // Created on the server first, with the content if it is small.
+            // Created on the server first, with its content.
             let _g = self.stripe(fid).lock().await;
             self.create_deferred(fid).await?;
         }
