@@ -177,7 +177,7 @@ impl Volume {
             None => None,
         };
         let staging = match &content {
-            Some((Content::Staged((name, _)), _)) => Some(name.clone()),
+            Some((Content::Staged((name, _)), _, _)) => Some(name.clone()),
             _ => None,
         };
         let made = self.make_with(cx, kind, new, content).await;
@@ -189,7 +189,7 @@ impl Volume {
 
     /// A create's content, checked: small bytes to write in place, or a
     /// staging file (staged by the client, or here for larger bytes).
-    fn new_content(&self, cx: &CallContext, dir: Fid, c: NewContent) -> Result<(Content, Timestamp), FsError> {
+    fn new_content(&self, cx: &CallContext, dir: Fid, c: NewContent) -> Result<(Content, u64, Timestamp), FsError> {
         if !c.mtime.is_valid() {
             return Err(FsError::Invalid("mtime out of range".into()));
         }
@@ -202,20 +202,25 @@ impl Volume {
                 Content::Staged(self.stage_bytes(self.open_dir(dir).ok().map(|(d, _)| d).as_ref(), &bytes)?)
             }
             StoreData::Staged(h) => {
-                let handle = self.handles.take(cx.client(), h).ok_or(FsError::Stale)?;
-                let Kind::Stage(name) = &handle.kind else {
-                    return Err(FsError::Invalid("not a stage handle".into()));
-                };
-                let staged = (name.clone(), handle.file.try_clone()?);
-                let len = staged.1.metadata()?.len();
+                let (name, file) = self.take_stage(cx, h)?;
+                let len = file.metadata()?.len();
                 if len != c.size {
-                    let _ = std::fs::remove_file(self.staging_path.join(name));
+                    let _ = std::fs::remove_file(self.staging_path.join(&name));
                     return Err(FsError::Invalid(format!("staged {len} bytes for a size of {}", c.size)));
                 }
-                Content::Staged(staged)
+                Content::Staged((name, file))
             }
         };
-        Ok((content, c.mtime))
+        Ok((content, c.size, c.mtime))
+    }
+
+    /// The staging file a client staged under handle `h` (the handle is used up).
+    fn take_stage(&self, cx: &CallContext, h: u64) -> Result<(String, std::fs::File), FsError> {
+        let handle = self.handles.take(cx.client(), h).ok_or(FsError::Stale)?;
+        let Kind::Stage(name) = &handle.kind else {
+            return Err(FsError::Invalid("not a stage handle".into()));
+        };
+        Ok((name.clone(), handle.file.try_clone()?))
     }
 
     /// `make` with the content taken in (the caller drops a staging file
@@ -225,7 +230,7 @@ impl Volume {
         cx: &CallContext,
         kind: OpKind,
         new: NewName,
-        content: Option<(Content, Timestamp)>,
+        content: Option<(Content, u64, Timestamp)>,
     ) -> Result<NewEntry, FsError> {
         let NewName { dir, name, mode, what, exclusive, .. } = new;
         if self.hidden(dir, &name) {
@@ -246,13 +251,8 @@ impl Volume {
             return Err(FsError::Exists);
         }
         let now = Timestamp::now();
-        let size = match &content {
-            Some((Content::Bytes(b), _)) => b.len() as u64,
-            Some((Content::Staged((_, f)), _)) => f.metadata()?.len(),
-            None => 0,
-        };
         let (fkind, perm, size) = match &what {
-            NewKind::File => (FileKind::File, mode & 0o7777, size),
+            NewKind::File => (FileKind::File, mode & 0o7777, content.as_ref().map_or(0, |(_, size, _)| *size)),
             NewKind::Dir => (FileKind::Dir, mode & 0o7777, 0),
             NewKind::Symlink(t) => (FileKind::Symlink, 0o777, t.len() as u64),
         };
@@ -269,7 +269,7 @@ impl Volume {
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
             atime: now,
-            mtime: content.as_ref().map_or(now, |(_, mtime)| *mtime),
+            mtime: content.as_ref().map_or(now, |(_, _, mtime)| *mtime),
             ctime: now,
             version: obj.version.clone(),
         };
@@ -279,7 +279,7 @@ impl Volume {
             // Written whole by the intent, like a store into an empty file:
             // the bytes are in the commit, so a crash is repaired by
             // writing them again.
-            Some((Content::Bytes(data), mtime)) => Intent::Fill {
+            Some((Content::Bytes(data), _, mtime)) => Intent::Fill {
                 fid,
                 version: obj.version.clone(),
                 dir: dpath.names().to_vec(),
@@ -290,7 +290,7 @@ impl Volume {
             },
             // Renamed into place, like a large store (never over a name
             // the database does not know, such as a FIFO).
-            Some((Content::Staged((staging, file)), mtime)) => {
+            Some((Content::Staged((staging, file)), _, mtime)) => {
                 tokio::task::block_in_place(|| -> Result<(), FsError> {
                     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(perm))?;
                     file.set_modified(mtime.into())?;
@@ -522,13 +522,7 @@ impl Service for Volume {
                 Content::Bytes(bytes.clone())
             }
             StoreData::Inline(bytes) => Content::Staged(self.stage_bytes(self.placement(req.fid).as_ref(), bytes)?),
-            StoreData::Staged(h) => {
-                let handle = self.handles.take(cx.client(), *h).ok_or(FsError::Stale)?;
-                let Kind::Stage(name) = &handle.kind else {
-                    return Err(FsError::Invalid("not a stage handle".into()));
-                };
-                Content::Staged((name.clone(), handle.file.try_clone()?))
-            }
+            StoreData::Staged(h) => Content::Staged(self.take_stage(cx, *h)?),
         };
         let mut staging = match &content {
             Content::Staged((name, _)) => Some(name.clone()),

@@ -95,14 +95,8 @@ impl Conflicts {
         let id = self.next_id();
         c.id = id;
         if let Some(src) = local_content {
-            let path = self.local_copy(id);
-            let mut out = File::create(&path)?;
-            let mut src = src;
-            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-            std::io::copy(&mut src, &mut out)?;
-            out.sync_all()?;
             c.local.exists = true;
-            c.local.size = out.metadata()?.len();
+            c.local.size = copy_synced(src, &self.local_copy(id))?;
         }
         self.tree.insert(id.to_be_bytes(), rmp_serde::to_vec_named(&c).expect("conflicts encode"))?;
         self.tree.flush()?;
@@ -116,12 +110,7 @@ impl Conflicts {
     pub fn replace_local(&self, id: u64, src: &File) -> Result<()> {
         let path = self.local_copy(id);
         let tmp = path.with_extension("local.new");
-        let mut out = File::create(&tmp)?;
-        let mut src = src;
-        std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
-        std::io::copy(&mut src, &mut out)?;
-        out.sync_all()?;
-        let size = out.metadata()?.len();
+        let size = copy_synced(src, &tmp)?;
         std::fs::rename(&tmp, &path)?;
         if let Some(v) = self.tree.get(id.to_be_bytes())? {
             if let Ok(mut c) = rmp_serde::from_slice::<Conflict>(&v) {
@@ -152,4 +141,14 @@ impl Conflicts {
         let _ = std::fs::remove_file(self.local_copy(id));
         Ok(())
     }
+}
+
+/// Copies all of `src` into a new file at `to`, fsynced; returns its size.
+fn copy_synced(src: &File, to: &std::path::Path) -> Result<u64> {
+    let mut out = File::create(to)?;
+    let mut src = src;
+    std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0))?;
+    std::io::copy(&mut src, &mut out)?;
+    out.sync_all()?;
+    Ok(out.metadata()?.len())
 }

@@ -503,7 +503,6 @@ impl Venus {
             let dir = self.resolve(dir);
             tokio::task::block_in_place(|| self.invalidate_kernel_entry(dir, &name));
         }
-        let path_in = |dir: Fid, name: &str| self.path_in(dir, name);
         match (&rec.op, err) {
             (CmlOp::Store { fid, base, .. }, FsError::Conflict(a))
                 if self.holds_content_of(self.resolve(*fid), base, &a) =>
@@ -547,7 +546,7 @@ impl Venus {
                 Ok(Refusal::Conflict)
             }
             (CmlOp::Create { dir, name, fid, .. } | CmlOp::Symlink { dir, name, fid, .. }, e) => {
-                let path = path_in(*dir, name);
+                let path = self.path_in(*dir, name);
                 let server = self.server_attr(self.resolve(*dir), name).await;
                 let container = File::open(self.cache.container_path(*fid)).ok();
                 let kind = if e == FsError::Exists { ConflictKind::CreateCreate } else { ConflictKind::Refused };
@@ -561,14 +560,14 @@ impl Venus {
                 if e == FsError::Exists {
                     if let Some(a) = self.server_attr(dir, name).await.filter(|a| a.kind == common::FileKind::Dir) {
                         // Both sides made the directory: they become one.
-                        tracing::info!(path = %path_in(dir, name), "directory created on both sides: merged");
+                        tracing::info!(path = %self.path_in(dir, name), "directory created on both sides: merged");
                         self.adopt_server_fid(*fid, a.fid, &a, None)?;
                         self.cache.update(a.fid, |n| n.valid = false);
                         dirs.insert(dir);
                         return Ok(Refusal::Merged(*fid));
                     }
                 }
-                let path = path_in(dir, name);
+                let path = self.path_in(dir, name);
                 let server = self.server_attr(dir, name).await;
                 self.record_conflict(ConflictKind::CreateCreate, &path, server, None, None, detail)?;
                 self.drop_local_tree(*fid, dirs)?;
@@ -578,7 +577,7 @@ impl Venus {
             (CmlOp::Remove { .. } | CmlOp::Rmdir { .. }, FsError::NotFound | FsError::Stale) => Ok(Refusal::Harmless),
             (CmlOp::Remove { dir, name, .. }, e) => {
                 let dir = self.resolve(*dir);
-                let path = path_in(dir, name);
+                let path = self.path_in(dir, name);
                 let server = match e {
                     FsError::Conflict(a) => Some(*a),
                     _ => self.server_attr(dir, name).await,
@@ -590,7 +589,7 @@ impl Venus {
             }
             (CmlOp::Rmdir { dir, name, .. }, _) => {
                 let dir = self.resolve(*dir);
-                let path = path_in(dir, name);
+                let path = self.path_in(dir, name);
                 let server = self.server_attr(dir, name).await;
                 self.record_conflict(ConflictKind::RemoveUpdate, &path, server, None, None, detail)?;
                 dirs.insert(dir);
@@ -598,7 +597,7 @@ impl Venus {
             }
             (CmlOp::Rename { from_dir, from, to_dir, to, .. }, e) => {
                 let (from_dir, to_dir) = (self.resolve(*from_dir), self.resolve(*to_dir));
-                let path = path_in(to_dir, to);
+                let path = self.path_in(to_dir, to);
                 let server = self.server_attr(to_dir, to).await;
                 // Exists: the name was taken meanwhile; Conflict: the file the
                 // rename replaced changed on the server. Either way both stay.
@@ -606,7 +605,7 @@ impl Venus {
                     FsError::Exists | FsError::Conflict(_) => ConflictKind::RenameCollision,
                     _ => ConflictKind::Refused,
                 };
-                self.record_conflict(kind, &path, server, None, Some(path_in(from_dir, from)), detail)?;
+                self.record_conflict(kind, &path, server, None, Some(self.path_in(from_dir, from)), detail)?;
                 dirs.insert(from_dir);
                 dirs.insert(to_dir);
                 Ok(Refusal::Conflict)
@@ -615,7 +614,7 @@ impl Venus {
                 let dir = self.resolve(*dir);
                 let kind = if e == FsError::Exists { ConflictKind::CreateCreate } else { ConflictKind::Refused };
                 let server = self.server_attr(dir, name).await;
-                self.record_conflict(kind, &path_in(dir, name), server, None, None, detail)?;
+                self.record_conflict(kind, &self.path_in(dir, name), server, None, None, detail)?;
                 dirs.insert(dir);
                 Ok(Refusal::Conflict)
             }
