@@ -202,6 +202,30 @@ fn terminate(mut c: Child, what: &str) {
     panic!("{what} did not stop within 30 s of SIGTERM");
 }
 
+/// Each thread's name, state and kernel stack: what a stuck process waits on.
+pub fn thread_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "(process gone)".into() };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        let state = read("status").lines().find(|l| l.starts_with("State:")).unwrap_or("").to_string();
+        out += &format!(
+            "--- {} {} {state} wchan={}\n{}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    // User-space backtraces too, where gdb is installed.
+    if let Ok(gdb) = Command::new("gdb").args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"]).output()
+    {
+        out += &String::from_utf8_lossy(&gdb.stdout);
+    }
+    out
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -294,8 +318,9 @@ impl VenusMount {
         // restart after a kill mid-reintegration): on a loaded 2-core runner
         // that has taken more than 30 s.
         if rx.recv_timeout(Duration::from_secs(90)).is_err() {
+            let threads = thread_stacks(child.id());
             let _ = child.kill();
-            panic!("venus did not mount {} within 90 s", self.mountpoint.display());
+            panic!("venus did not mount {} within 90 s; its threads:\n{threads}", self.mountpoint.display());
         }
         self.child = Some(child);
     }
