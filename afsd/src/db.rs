@@ -309,16 +309,29 @@ impl Db {
     /// share one flush: whoever holds the lock flushes for all tickets issued
     /// so far, and the others find their ticket already covered.
     pub async fn sync(&self, ticket: u64) -> Result<(), FsError> {
+        self.sync_then(ticket, || ()).await
+    }
+
+    /// [`Db::sync`], then `after` in the same blocking section: each
+    /// `block_in_place` hands the worker's core to another thread and takes
+    /// it back, which on a small VM costs as much as the work itself.
+    /// `after` runs only once the flush succeeded, and after the
+    /// group-commit lock is released, so it delays no other commit's flush.
+    pub async fn sync_then<T>(&self, ticket: u64, after: impl FnOnce() -> T) -> Result<T, FsError> {
         let mut flushed = self.flushed.lock().await;
         if *flushed >= ticket {
-            return Ok(());
+            drop(flushed);
+            return Ok(tokio::task::block_in_place(after));
         }
         let target = self.written.load(Ordering::SeqCst);
         // One blocking section for both: `flush_async` would add a hop
         // through sled's thread pool to the one its flush already makes.
-        tokio::task::block_in_place(|| self.flush_now())?;
-        *flushed = target;
-        Ok(())
+        tokio::task::block_in_place(move || {
+            self.flush_now()?;
+            *flushed = target;
+            drop(flushed);
+            Ok(after())
+        })
     }
 
     /// Makes everything written so far durable, outside the group commit

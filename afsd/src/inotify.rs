@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// How long events gather between two reads (see `Tree::run`).
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
 const MASK: u32 = libc::IN_ATTRIB
     | libc::IN_CREATE
     | libc::IN_DELETE
@@ -137,6 +140,11 @@ impl Tree {
                 at = name_end;
                 self.event(ev.wd, ev.mask, name, &report);
             }
+            // The server's own changes raise events too, several per
+            // request: letting them gather for a moment wakes this thread
+            // once per batch instead of once per change. (The kernel queues
+            // 16384 events by default; the checks downstream wait longer.)
+            std::thread::sleep(GATHER);
         }
     }
 

@@ -565,11 +565,18 @@ impl Volume {
             IntentChange::Record(plan.intent.as_ref()),
             &recorded,
         )?;
-        self.sync_or_die().await;
-        self.failpoint("crash-after-commit", kind);
+        // The intent is applied in the flush's blocking section.
+        let applied = self.db.sync_then(self.db.ticket(), || {
+            self.failpoint("crash-after-commit", kind);
+            plan.intent.as_ref().map(|intent| self.apply(intent))
+        });
+        let applied = match applied.await {
+            Ok(applied) => applied,
+            Err(e) => die(&format!("cannot flush the database after a commit: {e}")),
+        };
         let mut unsynced = Vec::new();
-        if let Some(intent) = &plan.intent {
-            match tokio::task::block_in_place(|| self.apply(intent)) {
+        if let (Some(intent), Some(applied)) = (&plan.intent, applied) {
+            match applied {
                 Ok(fds) => unsynced = fds,
                 Err(e) => {
                     tracing::warn!(?intent, "applying a committed change failed, rolling back: {e}");

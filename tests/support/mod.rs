@@ -219,7 +219,9 @@ pub fn thread_stacks(pid: u32) -> String {
         );
     }
     // User-space backtraces too, where gdb is installed.
-    if let Ok(gdb) = Command::new("timeout").args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"]).output()
+    if let Ok(gdb) = Command::new("timeout")
+        .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+        .output()
     {
         out += &String::from_utf8_lossy(&gdb.stdout);
     }
