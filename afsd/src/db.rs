@@ -309,7 +309,11 @@ impl Db {
     /// share one flush: whoever holds the lock flushes for all tickets issued
     /// so far, and the others find their ticket already covered.
     pub async fn sync(&self, ticket: u64) -> Result<(), FsError> {
-        self.sync_then(ticket, || ()).await
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= ticket {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| self.flush_all(&mut flushed))
     }
 
     /// [`Db::sync`], then `after` in the same blocking section: each
@@ -323,15 +327,22 @@ impl Db {
             drop(flushed);
             return Ok(tokio::task::block_in_place(after));
         }
-        let target = self.written.load(Ordering::SeqCst);
-        // One blocking section for both: `flush_async` would add a hop
-        // through sled's thread pool to the one its flush already makes.
         tokio::task::block_in_place(move || {
-            self.flush_now()?;
-            *flushed = target;
+            self.flush_all(&mut flushed)?;
             drop(flushed);
             Ok(after())
         })
+    }
+
+    /// The group commit's flush, by the holder of `flushed`: every ticket
+    /// issued before it starts is covered once it returns. (One blocking
+    /// section for sled's flush and the fdatasync: `flush_async` would add
+    /// a hop through sled's thread pool to the one its flush already makes.)
+    fn flush_all(&self, flushed: &mut u64) -> Result<(), FsError> {
+        let target = self.written.load(Ordering::SeqCst);
+        self.flush_now()?;
+        *flushed = target;
+        Ok(())
     }
 
     /// Makes everything written so far durable, outside the group commit

@@ -565,14 +565,21 @@ impl Volume {
             IntentChange::Record(plan.intent.as_ref()),
             &recorded,
         )?;
-        // The intent is applied in the flush's blocking section.
-        let applied = self.db.sync_then(self.db.ticket(), || {
-            self.failpoint("crash-after-commit", kind);
-            plan.intent.as_ref().map(|intent| self.apply(intent))
-        });
-        let applied = match applied.await {
-            Ok(applied) => applied,
-            Err(e) => die(&format!("cannot flush the database after a commit: {e}")),
+        let ticket = self.db.ticket();
+        let applied = match &plan.intent {
+            None => {
+                self.sync_or_die(ticket).await;
+                self.failpoint("crash-after-commit", kind);
+                None
+            }
+            // Applied in the flush's blocking section.
+            Some(intent) => {
+                let applied = self.db.sync_then(ticket, || {
+                    self.failpoint("crash-after-commit", kind);
+                    self.apply(intent)
+                });
+                Some(applied.await.unwrap_or_else(|e| die(&format!("cannot flush the database after a commit: {e}"))))
+            }
         };
         let mut unsynced = Vec::new();
         if let (Some(intent), Some(applied)) = (&plan.intent, applied) {
@@ -592,7 +599,7 @@ impl Volume {
                     ) {
                         die(&format!("cannot roll back a failed change: {c}"));
                     }
-                    self.sync_or_die().await;
+                    self.sync_or_die(self.db.ticket()).await;
                     return Err(e);
                 }
             }
@@ -621,8 +628,8 @@ impl Volume {
 
     /// After a commit, a failed flush leaves the outcome unknown: the only
     /// safe move is to stop and let recovery decide from what is on disk.
-    async fn sync_or_die(&self) {
-        if let Err(e) = self.db.sync(self.db.ticket()).await {
+    async fn sync_or_die(&self, ticket: u64) {
+        if let Err(e) = self.db.sync(ticket).await {
             die(&format!("cannot flush the database after a commit: {e}"));
         }
     }
