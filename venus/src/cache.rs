@@ -453,6 +453,23 @@ impl Cache {
         self.nodes.lock().unwrap().iter().map(|(f, n)| (*f, n.clone())).collect()
     }
 
+    /// The fids of the nodes `pick` selects, cloning no node: the periodic
+    /// checks look over the whole cache every few seconds, and a cached
+    /// directory's node holds its whole listing.
+    pub fn fids_where(&self, pick: impl Fn(&Node) -> bool) -> Vec<Fid> {
+        self.nodes.lock().unwrap().iter().filter(|(_, n)| pick(n)).map(|(f, _)| *f).collect()
+    }
+
+    /// How many nodes `pick` selects, cloning none.
+    pub fn count_where(&self, pick: impl Fn(&Node) -> bool) -> usize {
+        self.nodes.lock().unwrap().values().filter(|n| pick(n)).count()
+    }
+
+    /// Shows every node to `look`, cloning none (for tallies).
+    pub fn visit(&self, mut look: impl FnMut(&Node)) {
+        self.nodes.lock().unwrap().values().for_each(&mut look)
+    }
+
     pub fn set_size(&self, fid: Fid, bytes: u64) {
         self.sizes.lock().unwrap().insert(fid, bytes);
     }

@@ -192,9 +192,20 @@ async fn handle(venus: &Venus, req: &Value) -> Value {
 }
 
 async fn status(venus: &Venus) -> Value {
-    let all = venus.cache.all();
-    let dirty = all.iter().filter(|(_, n)| n.dirty && n.attr.kind == common::FileKind::File).count();
-    let cached = all.iter().filter(|(_, n)| n.cached).count();
+    let (mut objects, mut dirty, mut cached) = (0, 0, 0);
+    let (mut hoarded, mut hoard_bytes, mut hoard_cached, mut hoard_current) = (0, 0u64, 0, 0);
+    venus.cache.visit(|n| {
+        let file = n.attr.kind == common::FileKind::File;
+        objects += 1;
+        dirty += usize::from(n.dirty && file);
+        cached += usize::from(n.cached);
+        if n.hoard > 0 {
+            hoarded += 1;
+            hoard_bytes += if file { n.attr.size } else { 0 };
+            hoard_cached += usize::from(n.cached || !file);
+            hoard_current += usize::from(n.current());
+        }
+    });
     let (state, cause, since) = venus.link.describe();
     let records = venus.cml.records();
     let cml_bytes: u64 = records
@@ -218,15 +229,15 @@ async fn status(venus: &Venus) -> Value {
         "conflicts": venus.conflicts.len(),
         "hoard": {
             "entries": venus.hoard.list().len(),
-            "objects": all.iter().filter(|(_, n)| n.hoard > 0).count(),
-            "bytes": all.iter().filter(|(_, n)| n.hoard > 0 && n.attr.kind == common::FileKind::File).map(|(_, n)| n.attr.size).sum::<u64>(),
-            "cached": all.iter().filter(|(_, n)| n.hoard > 0 && (n.cached || n.attr.kind != common::FileKind::File)).count(),
-            "current": all.iter().filter(|(_, n)| n.hoard > 0 && n.current()).count(),
+            "objects": hoarded,
+            "bytes": hoard_bytes,
+            "cached": hoard_cached,
+            "current": hoard_current,
             "last_walk": venus.last_walk.lock().unwrap().clone(),
         },
         "cache_bytes": venus.cache.bytes(),
         "cache_limit": venus.cache.limit,
-        "objects": all.len(),
+        "objects": objects,
         "cached_files": cached,
         "dirty_files": dirty,
         "open_files": venus.open_handles(),

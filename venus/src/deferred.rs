@@ -272,10 +272,8 @@ impl Venus {
     /// is recognised at reintegration: `Venus::is_own_create`.)
     pub(crate) fn log_interrupted_creates(&self) -> Result<usize> {
         let mut n = 0;
-        for (fid, node) in self.cache.all() {
-            if !node.awaiting_create {
-                continue;
-            }
+        for fid in self.cache.fids_where(|n| n.awaiting_create) {
+            let Some(node) = self.cache.get(fid) else { continue };
             self.cache.update(fid, |n| n.awaiting_create = false);
             if !fid.is_local() || node.attr.nlink == 0 || node.attr.kind != FileKind::File {
                 continue;

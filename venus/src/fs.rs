@@ -1463,10 +1463,7 @@ impl Venus {
     /// deferred by a crash of venus); logged ones go with reintegration.
     pub async fn store_dirty(&self) -> usize {
         let mut stored = 0;
-        for (fid, n) in self.cache.all() {
-            if !n.dirty || n.attr.kind != FileKind::File {
-                continue;
-            }
+        for fid in self.cache.fids_where(|n| n.dirty && n.attr.kind == FileKind::File) {
             let _g = self.stripe(fid).lock().await;
             // Decided under the lock: a close-time store or reintegration
             // may have stored it (and moved its version on) meanwhile.

@@ -182,7 +182,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             if v.link.is_connected() {
                 v.create_orphaned_deferred().await;
             }
-            if v.link.is_connected() && v.cml.is_empty() && v.cache.all().iter().any(|(_, n)| n.dirty) {
+            if v.link.is_connected() && v.cml.is_empty() && v.cache.count_where(|n| n.dirty) > 0 {
                 let n = v.store_dirty().await;
                 if n > 0 {
                     tracing::info!(stored = n, "deferred stores reached the server");
@@ -252,7 +252,7 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             }
         }
     });
-    let dirty = venus.cache.all().iter().filter(|(_, n)| n.dirty).count();
+    let dirty = venus.cache.count_where(|n| n.dirty);
     venus.cache.meta_put("clean", &[1])?;
     venus.cache.flush()?;
     let _ = std::fs::remove_file(&sock);

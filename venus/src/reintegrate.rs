@@ -164,13 +164,7 @@ impl Venus {
         }
         // Directories changed offline (even by changes the log cancelled
         // out) are listed afresh too.
-        touched_dirs.extend(
-            self.cache
-                .all()
-                .into_iter()
-                .filter(|(_, n)| n.dirty && n.attr.kind == common::FileKind::Dir)
-                .map(|(f, _)| f),
-        );
+        touched_dirs.extend(self.cache.fids_where(|n| n.dirty && n.attr.kind == common::FileKind::Dir));
         if !touched_dirs.is_empty() {
             // A directory named by a change logged meanwhile keeps its
             // listing: it holds that change, which the server has not seen
