@@ -466,8 +466,8 @@ impl Cache {
     }
 
     /// Shows every node to `look`, cloning none (for tallies).
-    pub fn visit(&self, mut look: impl FnMut(&Node)) {
-        self.nodes.lock().unwrap().values().for_each(&mut look)
+    pub fn visit(&self, mut look: impl FnMut(Fid, &Node)) {
+        self.nodes.lock().unwrap().iter().for_each(|(f, n)| look(*f, n))
     }
 
     pub fn set_size(&self, fid: Fid, bytes: u64) {

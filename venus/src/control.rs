@@ -194,7 +194,7 @@ async fn handle(venus: &Venus, req: &Value) -> Value {
 async fn status(venus: &Venus) -> Value {
     let (mut objects, mut dirty, mut cached) = (0, 0, 0);
     let (mut hoarded, mut hoard_bytes, mut hoard_cached, mut hoard_current) = (0, 0u64, 0, 0);
-    venus.cache.visit(|n| {
+    venus.cache.visit(|_, n| {
         let file = n.attr.kind == common::FileKind::File;
         objects += 1;
         dirty += usize::from(n.dirty && file);

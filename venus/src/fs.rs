@@ -1372,12 +1372,12 @@ impl Venus {
 
     /// Everything may be stale: validate the whole cache in one call.
     pub async fn revalidate_all(&self) -> Result<(usize, usize)> {
-        let nodes = self.cache.all();
-        let items: Vec<(Fid, VersionVector)> = nodes
-            .iter()
-            .filter(|(f, n)| !n.dirty && !f.is_local())
-            .map(|(f, n)| (*f, n.attr.version.clone()))
-            .collect();
+        let mut items: Vec<(Fid, VersionVector)> = Vec::new();
+        self.cache.visit(|f, n| {
+            if !n.dirty && !f.is_local() {
+                items.push((f, n.attr.version.clone()));
+            }
+        });
         let mut current = 0;
         let mut stale = Vec::new();
         for chunk in items.chunks(50_000) {

@@ -105,11 +105,11 @@ pub fn run(opts: MountOptions) -> anyhow::Result<()> {
             client.hold(s);
         }
     }
-    for (_, n) in venus.cache.all() {
+    venus.cache.visit(|_, n| {
         if let Some(s) = n.store_seq {
             client.hold(s);
         }
-    }
+    });
     let mut events = client.events();
 
     rt.block_on(startup(&venus, was_clean))?;
