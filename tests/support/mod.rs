@@ -228,6 +228,20 @@ pub fn thread_stacks(pid: u32) -> String {
     out
 }
 
+/// Processes called `name` whose command line mentions `text`.
+pub fn processes_named(name: &str, text: &str) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            comm.trim() == name && String::from_utf8_lossy(&cmdline).contains(text)
+        })
+        .collect()
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -318,11 +332,23 @@ impl VenusMount {
         });
         // venus mounts only after replaying a log its last run left (a
         // restart after a kill mid-reintegration): on a loaded 2-core runner
-        // that has taken more than 30 s.
-        if rx.recv_timeout(Duration::from_secs(90)).is_err() {
-            let threads = thread_stacks(child.id());
-            let _ = child.kill();
-            panic!("venus did not mount {} within 90 s; its threads:\n{threads}", self.mountpoint.display());
+        // that has taken more than 30 s. One that exits first is reported
+        // at once, with its status (its stderr is the test's).
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while rx.recv_timeout(Duration::from_millis(100)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("venus exited before mounting {}: {status}", self.mountpoint.display());
+            }
+            if Instant::now() > deadline {
+                let mut threads = thread_stacks(child.id());
+                // The server it waits on, if it waits on one: the test's afsd.
+                let dir = self.mountpoint.parent().unwrap_or(Path::new("/")).to_string_lossy().into_owned();
+                for pid in processes_named("afsd", &dir) {
+                    threads += &format!("\n=== afsd {pid}\n{}", thread_stacks(pid));
+                }
+                let _ = child.kill();
+                panic!("venus did not mount {} within 90 s; its threads:\n{threads}", self.mountpoint.display());
+            }
         }
         self.child = Some(child);
     }
