@@ -758,7 +758,7 @@ impl Venus {
         // A store cut short by a crash of venus is resent under the same
         // transaction id (the node remembers it), so it runs at most once
         // instead of coming back as a conflict with itself.
-        let (seq, resent) = match self.cache.view(fid, |n| n.store_seq).flatten() {
+        let (mut seq, mut resent) = match self.cache.view(fid, |n| n.store_seq).flatten() {
             Some(s) => (s, true),
             None => {
                 let s = self.client.allocate_sequence();
@@ -767,8 +767,24 @@ impl Venus {
             }
         };
         let mtime = Some(now.mtime);
-        let result =
-            common::rpc::store_with_seq(&self.client, seq, fid, base.clone(), shared.file.clone(), mtime, None).await;
+        let result = loop {
+            let r = common::rpc::store_with_seq(&self.client, seq, fid, base.clone(), shared.file.clone(), mtime, None)
+                .await;
+            match &r {
+                Err(RpcError::Fs(e)) if resent && common::rpc::is_acknowledged_already(e) => {
+                    // That store ran, and this client acknowledged its
+                    // reply before the crash, but the node's record of it
+                    // (written without a flush) was lost. Sent again under a
+                    // new id, it shows whether the server holds this content
+                    // (a conflict with our own store, `own_store_ran`) or not.
+                    self.client.unhold(seq);
+                    seq = self.client.allocate_sequence();
+                    self.cache.update(fid, |n| n.store_seq = Some(seq));
+                    resent = false;
+                }
+                _ => break r,
+            }
+        };
         if !matches!(&result, Err(e) if e.is_transport()) {
             self.client.unhold(seq);
         }

@@ -11,7 +11,7 @@ mod socket;
 pub use bulk::{fetch_to_file, store_from_file, store_request, store_with_seq, FETCH_WINDOW};
 pub use client::{Client, ClientConfig, ClientEvent, RpcError};
 pub use landing::Sink;
-pub use server::{BreakOutcome, Hooks, Pusher, RpcServer};
+pub use server::{is_acknowledged_already, BreakOutcome, Hooks, Pusher, RpcServer};
 
 /// Runs blocking work (a disk read or write) from async code: on the
 /// multi-threaded runtime this worker's other tasks move elsewhere

@@ -156,7 +156,6 @@ enum Plan {
     Run(watch::Sender<Option<Shared>>),
     Wait(watch::Receiver<Option<Shared>>),
     Answer(Shared),
-    Ignore,
 }
 
 impl<S: Service + Hooks> RpcServer<S> {
@@ -318,7 +317,6 @@ impl<S: Service + Hooks> RpcServer<S> {
             self.service.acknowledged(xid.client, upto);
         }
         let result = match self.plan(&xid) {
-            Plan::Ignore => return,
             Plan::Answer(r) => r,
             Plan::Wait(mut rx) => loop {
                 if let Some(r) = rx.borrow_and_update().clone() {
@@ -385,8 +383,11 @@ impl<S: Service + Hooks> RpcServer<S> {
             None => {}
         }
         if xid.seq <= t.acked {
-            // The client said it has this reply: a stale duplicate.
-            return Plan::Ignore;
+            // The client said it has this reply, so it is gone: a stale
+            // duplicate, or a client that lost track of it in a crash. It is
+            // not run again, and it is answered: a client that still waits
+            // would otherwise wait as long as the server answers its pings.
+            return Plan::Answer(Arc::new(Err(FsError::Invalid(acknowledged_already(xid.seq)))));
         }
         let (tx, rx) = watch::channel(None);
         t.slots.insert(xid.seq, Slot::Running(rx));
@@ -413,6 +414,16 @@ impl<S: Service + Hooks> RpcServer<S> {
             t.slots.remove(&xid.seq);
         }
     }
+}
+
+/// The error a call gets when its transaction id was acknowledged already.
+pub fn acknowledged_already(seq: u64) -> String {
+    format!("transaction {seq} was answered and acknowledged before; it is not run again")
+}
+
+/// Whether an error is [`acknowledged_already`]'s.
+pub fn is_acknowledged_already(e: &FsError) -> bool {
+    matches!(e, FsError::Invalid(m) if m.starts_with("transaction ") && m.ends_with("it is not run again"))
 }
 
 /// Removes a running slot whose execution unwound.
