@@ -578,7 +578,7 @@ impl Volume {
                     self.failpoint("crash-after-commit", kind);
                     self.apply(intent)
                 });
-                Some(applied.await.unwrap_or_else(|e| die(&format!("cannot flush the database after a commit: {e}"))))
+                Some(applied.await.unwrap_or_else(|e| flush_failed(e)))
             }
         };
         let mut unsynced = Vec::new();
@@ -630,7 +630,7 @@ impl Volume {
     /// safe move is to stop and let recovery decide from what is on disk.
     async fn sync_or_die(&self, ticket: u64) {
         if let Err(e) = self.db.sync(ticket).await {
-            die(&format!("cannot flush the database after a commit: {e}"));
+            flush_failed(e);
         }
     }
 
@@ -1036,6 +1036,11 @@ fn sync_or_die_fd(fd: &std::fs::File) {
     if let Err(e) = fd.sync_all() {
         die(&format!("cannot sync the export: {e}"));
     }
+}
+
+/// A flush after a commit failed (see `Volume::sync_or_die`).
+fn flush_failed(e: FsError) -> ! {
+    die(&format!("cannot flush the database after a commit: {e}"))
 }
 
 pub fn die(why: &str) -> ! {
