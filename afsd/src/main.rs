@@ -58,7 +58,13 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        // Two at least: a commit's flush blocks the worker it runs on (see
+        // `Db::sync`), and the other must go on serving.
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("afsd: cannot start the runtime: {e}");

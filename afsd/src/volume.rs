@@ -136,6 +136,15 @@ pub enum Intent {
     },
 }
 
+impl Intent {
+    /// Whether applying it waits for the disk: it syncs the export itself.
+    /// A create or fill only writes small content to the page cache and
+    /// leaves its fsyncs to the settler (see `settle.rs`).
+    fn waits_for_the_disk(&self) -> bool {
+        !matches!(self, Intent::Create { .. } | Intent::Fill { .. })
+    }
+}
+
 /// The database side of one mutation.
 #[derive(Default)]
 pub struct Plan {
@@ -566,23 +575,17 @@ impl Volume {
             &recorded,
         )?;
         let ticket = self.db.ticket();
-        let applied = match &plan.intent {
-            None => {
-                self.sync_or_die(ticket).await;
-                self.failpoint("crash-after-commit", kind);
-                None
-            }
-            // Applied in the flush's blocking section.
-            Some(intent) => {
-                let applied = self.db.sync_then(ticket, || {
-                    self.failpoint("crash-after-commit", kind);
-                    self.apply(intent)
-                });
-                Some(applied.await.unwrap_or_else(|e| flush_failed(e)))
-            }
-        };
+        self.sync_or_die(ticket).await;
+        self.failpoint("crash-after-commit", kind);
         let mut unsynced = Vec::new();
-        if let (Some(intent), Some(applied)) = (&plan.intent, applied) {
+        if let Some(intent) = &plan.intent {
+            let applied = if intent.waits_for_the_disk() {
+                tokio::task::block_in_place(|| self.apply(intent))
+            } else {
+                // On this worker: a few quick calls, dearer to hand to
+                // another thread than to make.
+                self.apply(intent)
+            };
             match applied {
                 Ok(fds) => unsynced = fds,
                 Err(e) => {
@@ -630,7 +633,7 @@ impl Volume {
     /// safe move is to stop and let recovery decide from what is on disk.
     async fn sync_or_die(&self, ticket: u64) {
         if let Err(e) = self.db.sync(ticket).await {
-            flush_failed(e);
+            die(&format!("cannot flush the database after a commit: {e}"));
         }
     }
 
@@ -1036,11 +1039,6 @@ fn sync_or_die_fd(fd: &std::fs::File) {
     if let Err(e) = fd.sync_all() {
         die(&format!("cannot sync the export: {e}"));
     }
-}
-
-/// A flush after a commit failed (see `Volume::sync_or_die`).
-fn flush_failed(e: FsError) -> ! {
-    die(&format!("cannot flush the database after a commit: {e}"))
 }
 
 pub fn die(why: &str) -> ! {
