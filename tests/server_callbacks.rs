@@ -169,6 +169,40 @@ async fn a_large_directory_made_outside_is_adopted_whole() {
     assert_eq!(before, restarted, "and so does one after a restart");
 }
 
+/// A tree of 1,000 known files removed behind the server's back does not
+/// hold the server up: it answers at once and stops promptly on SIGTERM.
+/// (The export watcher's check of each removed object used to sleep 60 ms
+/// on a worker, a minute in all, and the shutdown waited for it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_tree_removed_outside_does_not_hold_the_server_up() {
+    let dir = TestDir::new("remove-many");
+    let tree = dir.path().join("export/tree");
+    for d in 0..20 {
+        let sub = tree.join(format!("d{d:02}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..50 {
+            std::fs::write(sub.join(format!("f{f:02}")), format!("{d}/{f}")).unwrap();
+        }
+    }
+    let mut afsd = Afsd::start(dir.path());
+    let a = afsd.client().await;
+    let tree_fid = lookup(&a, "tree").await.attr.fid;
+    let subs = a.readdir(ReadDirReq { dir: tree_fid }).await.unwrap().entries;
+    assert_eq!(subs.len(), 20);
+    for sub in &subs {
+        assert_eq!(a.readdir(ReadDirReq { dir: sub.fid }).await.unwrap().entries.len(), 50, "{}", sub.name);
+    }
+    std::fs::remove_dir_all(&tree).unwrap();
+    // The watcher gathers events for 100 ms, then checks every object.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let root = a.readdir(ReadDirReq { dir: Fid::ROOT }).await.unwrap();
+    assert!(!root.entries.iter().any(|e| e.name == "tree"), "the removal is seen");
+    drop(a);
+    let t = Instant::now();
+    afsd.stop();
+    assert!(t.elapsed() < Duration::from_secs(10), "afsd took {:?} to stop after SIGTERM", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_away_at_break_time_learns_on_reconnect() {
     let dir = TestDir::new("away");

@@ -287,8 +287,14 @@ impl Volume {
     /// that directory (a concurrent rename of an ancestor could otherwise
     /// point the path at another one).
     pub fn open_dir(&self, fid: Fid) -> Result<(Dir, RelPath), FsError> {
+        self.open_dir_tries(fid, 5)
+    }
+
+    /// [`Volume::open_dir`], trying `tries` times: between tries it sleeps
+    /// (4 to 32 ms) for a rename being applied to finish.
+    fn open_dir_tries(&self, fid: Fid, tries: u32) -> Result<(Dir, RelPath), FsError> {
         let mut last = FsError::Stale;
-        for attempt in 0..5 {
+        for attempt in 0..tries {
             if attempt > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(2 << attempt));
             }
@@ -341,12 +347,25 @@ impl Volume {
 
     /// Current on-disk state of `fid`.
     pub fn stat_of(&self, fid: Fid) -> Result<Stat, FsError> {
+        self.stat_tries(fid, 5)
+    }
+
+    /// [`Volume::stat_of`] without waiting for a rename to finish, for the
+    /// export watcher: after a tree is removed behind the server's back,
+    /// the retries' sleeps, a worker blocked 60 ms for each object in it,
+    /// held every request and a shutdown up for minutes. An object missed
+    /// here is checked again when it is next used.
+    pub fn stat_at_once(&self, fid: Fid) -> Result<Stat, FsError> {
+        self.stat_tries(fid, 1)
+    }
+
+    fn stat_tries(&self, fid: Fid, tries: u32) -> Result<Stat, FsError> {
         if fid == Fid::ROOT {
             return self.export.lstat(&RelPath::root());
         }
         let obj = self.object(fid)?;
         let (parent, name) = obj.names.first().cloned().ok_or(FsError::Stale)?;
-        let (dir, _) = self.open_dir(parent)?;
+        let (dir, _) = self.open_dir_tries(parent, tries)?;
         dir.lstat(&name).map_err(|e| if e == FsError::NotFound { FsError::Stale } else { e })
     }
 

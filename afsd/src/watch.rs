@@ -46,8 +46,11 @@ pub fn start(vol: Arc<Volume>) -> std::io::Result<inotify::Watch> {
                 }
             }
             for fid in fids {
+                // A tree removed outside reports thousands of objects: the
+                // runtime may stop this between two of them.
+                tokio::task::yield_now().await;
                 let Ok(obj) = vol.object(fid) else { continue };
-                let Ok(st) = vol.stat_of(fid) else { continue };
+                let Ok(st) = vol.stat_at_once(fid) else { continue };
                 if let Err(e) = vol.notice_external(fid, obj, &st, false).await {
                     tracing::debug!(%fid, "checking an outside edit failed: {e}");
                 }
