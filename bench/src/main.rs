@@ -242,7 +242,7 @@ fn markdown(
 ## Results\n\n\
 Machine: {machine}. One run of `bench/run.sh` took {elapsed:.0} s (after the build). Each cell is the median of \
 {runs} runs (Andrew: {andrew_runs} runs of a cold and a warm pass) with [min–max]; sshfs and rclone, 3-10 times \
-slower, get {peer_runs} runs (Andrew: {peer_andrew_runs}) so that the suite fits in 15 minutes. **bold** is the time relative to local disk (1.00× = as fast as local disk, 2.00× = takes \
+slower, get {peer_runs} runs (Andrew: {peer_andrew_runs}, creates: {peer_create_runs}) so that the suite fits in 15 minutes. **bold** is the time relative to local disk (1.00× = as fast as local disk, 2.00× = takes \
 twice as long; for rates, local rate / rate).\n\n\
 {table}\n\
 {failures}\n\
@@ -290,6 +290,7 @@ remote on the same kind of private sshd. The scripts that start the peers are in
         andrew_runs = cfg.andrew_runs,
         peer_runs = cfg.peer_runs,
         peer_andrew_runs = cfg.peer_andrew_runs,
+        peer_create_runs = cfg.peer_create_runs,
         jobs = cfg.andrew_jobs,
         small = cfg.small_files,
         create = cfg.create_files,

@@ -353,7 +353,7 @@ fn create_small_files(dir: &Path, n: usize) -> Result<()> {
 /// Workload 6: create (and write and close) small files in one new directory.
 pub fn creates(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> {
     let label = format!("6. create {} small files in one directory", cfg.create_files);
-    for run in 0..cfg.runs_for(sys.kind) {
+    for run in 0..cfg.create_runs_for(sys.kind) {
         let dir = sys.root.join(format!("create-{}-{run}", sys.kind.key()));
         let ((), secs) = timed(|| create_small_files(&dir, cfg.create_files))?;
         res.add((6, 0), &label, Show::PerOp { n: cfg.create_files as f64 }, Some("create"), sys.kind, secs);
