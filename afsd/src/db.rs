@@ -194,8 +194,9 @@ impl Db {
 
     /// Makes one commit's writes, all or none after a crash, without a sled
     /// transaction. sled 0.34 makes every transaction roll its log buffer
-    /// twice, and each roll wakes all seven of its IO threads: that herd was
-    /// a third of afsd's CPU time for small creates. Instead the whole commit
+    /// twice, and each roll woke all seven of its IO threads (one since our
+    /// patch, see vendor/README.md): that herd was a third of afsd's CPU
+    /// time for small creates. Instead the whole commit
     /// goes into the `journal` tree as one value (a single insert, which sled
     /// recovers whole or not at all), then each write is made, then the value
     /// is removed. sled recovers a prefix of its log, so after a crash either
