@@ -67,6 +67,30 @@ fn a_small_new_file_reaches_the_server_in_one_request_at_close() {
     assert!(eventually(Duration::from_secs(10), || a.status()["aliases"] == 0), "{}", a.status());
 }
 
+/// A file created at close gets its server number, and its container a
+/// second name; the old one is dropped within 2 s, which moves the
+/// container's ctime. That is no write: the close of a second open of the
+/// file after it stores nothing.
+#[test]
+fn dropping_a_new_files_old_container_name_is_not_a_write() {
+    let dir = TestDir::new("create-on-close-rename");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start(dir.path(), "a", &afsd);
+    fs::create_dir(a.path("out")).unwrap();
+    list(&a.path("out"));
+    let mut f = create(&a.path("out/obj"));
+    f.write_all(&vec![7u8; 100_000]).unwrap();
+    let g = fs::OpenOptions::new().write(true).open(a.path("out/obj")).unwrap();
+    drop(f);
+    assert_eq!(fs::read(afsd.export.join("out/obj")).unwrap(), vec![7u8; 100_000], "on the server at the first close");
+    let stores = afsd.rpcs("store");
+    // venus drops old container names every 2 s.
+    std::thread::sleep(Duration::from_millis(4500));
+    drop(g);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(afsd.rpcs("store"), stores, "the second close stored the unchanged file again");
+}
+
 #[test]
 fn a_file_not_yet_on_the_server_can_be_renamed_changed_and_removed_while_open() {
     let dir = TestDir::new("create-on-close-edits");

@@ -58,6 +58,13 @@ impl ContainerStamp {
             ctime: Timestamp { secs: meta.ctime(), nanos: meta.ctime_nsec() as u32 },
         }
     }
+
+    /// Whether both show the same content: ctime aside, which venus moves
+    /// itself when it drops a container's old name after a renumbering
+    /// (see `Cache::restamp`). Across a restart the whole stamp counts.
+    pub fn same_content(&self, other: &ContainerStamp) -> bool {
+        (self.ino, self.size, self.mtime) == (other.ino, other.size, other.mtime)
+    }
 }
 
 /// What venus knows of one object.
@@ -538,7 +545,7 @@ impl Cache {
         let mut nodes = self.nodes.lock().unwrap();
         if let Some(n) = nodes.get_mut(&fid) {
             match n.clean {
-                Some(c) if (c.ino, c.size, c.mtime) == (now.ino, now.size, now.mtime) && c != now => {
+                Some(c) if c.same_content(&now) && c != now => {
                     n.clean = Some(now);
                     self.persist(fid, n);
                 }

@@ -260,7 +260,7 @@ impl Venus {
     pub(crate) fn keep_refused(&self, id: u64, shared: &Shared) -> Result<()> {
         let now = ContainerStamp::of(&shared.file.metadata()?);
         let mut synced = shared.synced.lock().unwrap();
-        if *synced != now {
+        if !synced.same_content(&now) {
             self.conflicts.replace_local(id, &shared.file)?;
             *synced = now;
         }

@@ -744,7 +744,9 @@ impl Venus {
         let meta = shared.file.metadata()?;
         let now = ContainerStamp::of(&meta);
         let dirty = self.cache.view(fid, |n| n.dirty).unwrap_or(false);
-        if *shared.synced.lock().unwrap() == now && !(dirty && self.link.is_connected() && self.cml.is_empty()) {
+        if shared.synced.lock().unwrap().same_content(&now)
+            && !(dirty && self.link.is_connected() && self.cml.is_empty())
+        {
             return Ok(());
         }
         let base = shared.base.lock().unwrap().clone();
@@ -797,7 +799,7 @@ impl Venus {
                 // A resent store may be answered with the reply to an earlier
                 // attempt of other content: then this content is still ours to store.
                 let answered_other = resent && (reply.attr.size != now.size || reply.attr.mtime != now.mtime);
-                let written_since = after != now || answered_other;
+                let written_since = !after.same_content(&now) || answered_other;
                 *shared.synced.lock().unwrap() = if written_since { ContainerStamp::default() } else { after };
                 let same_container =
                     std::fs::metadata(self.cache.container_path(fid)).map(|m| m.ino() == after.ino).unwrap_or(false);
@@ -1271,7 +1273,10 @@ impl Venus {
         // stays out of step with the server, and the close stores it.
         let unsynced = self.cache.view(fid, |n| n.dirty).unwrap_or(false)
             || open.as_ref().is_some_and(|s| {
-                s.file.metadata().map(|m| ContainerStamp::of(&m) != *s.synced.lock().unwrap()).unwrap_or(true)
+                s.file
+                    .metadata()
+                    .map(|m| !ContainerStamp::of(&m).same_content(&s.synced.lock().unwrap()))
+                    .unwrap_or(true)
             });
         let req = SetAttrReq { fid, set: set.clone(), base: None };
         let reply = {
