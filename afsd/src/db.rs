@@ -321,14 +321,9 @@ impl Db {
         if *flushed >= ticket {
             return Ok(());
         }
-        self.flush_all(&mut flushed)
-    }
-
-    /// The group commit's flush, by the holder of `flushed`: every ticket
-    /// issued before it starts is covered once it returns. (`flush_async`
-    /// would add a hop through sled's thread pool to the one its flush
-    /// already makes.)
-    fn flush_all(&self, flushed: &mut u64) -> Result<(), FsError> {
+        // Every ticket issued before the flush starts is covered once it
+        // returns. (`flush_async` would add a hop through sled's thread
+        // pool to the one its flush already makes.)
         let target = self.written.load(Ordering::SeqCst);
         self.flush_now()?;
         *flushed = target;

@@ -593,8 +593,7 @@ impl Volume {
             IntentChange::Record(plan.intent.as_ref()),
             &recorded,
         )?;
-        let ticket = self.db.ticket();
-        self.sync_or_die(ticket).await;
+        self.sync_or_die().await;
         self.failpoint("crash-after-commit", kind);
         let mut unsynced = Vec::new();
         if let Some(intent) = &plan.intent {
@@ -621,7 +620,7 @@ impl Volume {
                     ) {
                         die(&format!("cannot roll back a failed change: {c}"));
                     }
-                    self.sync_or_die(self.db.ticket()).await;
+                    self.sync_or_die().await;
                     return Err(e);
                 }
             }
@@ -650,8 +649,8 @@ impl Volume {
 
     /// After a commit, a failed flush leaves the outcome unknown: the only
     /// safe move is to stop and let recovery decide from what is on disk.
-    async fn sync_or_die(&self, ticket: u64) {
-        if let Err(e) = self.db.sync(ticket).await {
+    async fn sync_or_die(&self) {
+        if let Err(e) = self.db.sync(self.db.ticket()).await {
             die(&format!("cannot flush the database after a commit: {e}"));
         }
     }
