@@ -1543,7 +1543,13 @@ pub(crate) enum Mutation {
 }
 
 impl From<VenusError> for fuser::Errno {
+    /// An EIO tells the user nothing but that something broke, so its
+    /// cause goes to the log.
     fn from(e: VenusError) -> Self {
-        crate::errors::ToErrno::errno(&e)
+        let errno = crate::errors::ToErrno::errno(&e);
+        if errno == fuser::Errno::EIO {
+            tracing::warn!("answering EIO: {e}");
+        }
+        errno
     }
 }

@@ -345,6 +345,10 @@ impl<S: Service + Hooks> RpcServer<S> {
                 result
             }
         };
+        // The client can only show EIO for it: the cause goes to the log.
+        if let Err(FsError::Io(why)) = &*result {
+            tracing::warn!(seq = xid.seq, op = kind.name(), "answering an I/O error: {why}");
+        }
         // Cheap: bulk bytes are shared, not copied.
         let msg = Message::Return { seq: xid.seq, result: (*result).clone() };
         match frame::encode_message(msg) {
