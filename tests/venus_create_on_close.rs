@@ -21,6 +21,28 @@ fn list(dir: &std::path::Path) {
     fs::read_dir(dir).unwrap().for_each(drop);
 }
 
+/// A child process (`dd`) that creates or truncates `path` (`O_CREAT |
+/// O_TRUNC`, no `O_EXCL`) and writes to it what comes on its stdin, until
+/// that ends. A descriptor the test process held would be inherited by the
+/// processes other tests fork meanwhile, and each `exec` would close it: a
+/// close, and so a store, of its own. (`dd` opens its output as fd 1,
+/// closed for it, so it needs no `dup2` and no close of a spare copy.)
+fn writer_child(path: &std::path::Path) -> std::process::Child {
+    std::process::Command::new("sh")
+        .args(["-c", "exec dd of=\"$1\" bs=1M status=none >&-", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Writes `data` to `path` from a `writer_child`, and waits for its close.
+fn write_from_child(path: &std::path::Path, data: &[u8]) {
+    let mut dd = writer_child(path);
+    dd.stdin.take().unwrap().write_all(data).unwrap();
+    assert!(dd.wait().unwrap().success(), "dd into {}", path.display());
+}
+
 #[test]
 fn a_small_new_file_reaches_the_server_in_one_request_at_close() {
     let dir = TestDir::new("create-on-close");
@@ -31,12 +53,17 @@ fn a_small_new_file_reaches_the_server_in_one_request_at_close() {
     list(&a.path("out"));
     let (creates, stores) = (afsd.rpcs("create"), afsd.rpcs("store"));
 
-    let mut f = create(&a.path("out/x.o"));
-    f.write_all(b"object code").unwrap();
+    let mut dd = writer_child(&a.path("out/x.o"));
+    let mut input = dd.stdin.take().unwrap();
+    input.write_all(b"object code").unwrap();
     // Not closed yet: this mount sees the file, the server does not.
-    assert_eq!(fs::read(a.path("out/x.o")).unwrap(), b"object code");
+    assert!(
+        eventually(Duration::from_secs(5), || fs::read(a.path("out/x.o")).is_ok_and(|d| d == b"object code")),
+        "the new file never showed its content"
+    );
     assert!(!afsd.export.join("out/x.o").exists(), "the server has the file before its close");
-    drop(f);
+    drop(input);
+    assert!(dd.wait().unwrap().success());
     // The kernel still knows the file by its local number.
     assert_eq!(a.status()["aliases"], 1);
 
@@ -48,23 +75,69 @@ fn a_small_new_file_reaches_the_server_in_one_request_at_close() {
     assert_eq!(names, vec!["x.o"]);
 
     // The file is an ordinary one from now on: written again, it is stored.
-    fs::write(a.path("out/x.o"), "relinked").unwrap();
+    write_from_child(&a.path("out/x.o"), b"relinked");
     assert_eq!(fs::read_to_string(b.path("out/x.o")).unwrap(), "relinked");
     assert_eq!(afsd.rpcs("store"), stores + 1);
 
     // An empty file (touch) is created at close too.
-    drop(create(&a.path("out/empty")));
+    write_from_child(&a.path("out/empty"), b"");
     assert_eq!(fs::metadata(afsd.export.join("out/empty")).unwrap().len(), 0);
     // A larger file is staged, then created with it: one commit too.
     let (creates, stores) = (afsd.rpcs("create"), afsd.rpcs("store"));
     let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    fs::write(a.path("out/big"), &big).unwrap();
+    write_from_child(&a.path("out/big"), &big);
     assert_eq!((afsd.rpcs("create"), afsd.rpcs("store")), (creates + 1, stores));
     assert_eq!(fs::read(afsd.export.join("out/big")).unwrap(), big);
     assert_eq!(fs::read(b.path("out/big")).unwrap(), big);
     // Those numbers are forgotten with the kernel's inodes.
     crate::support::drop_kernel_caches();
     assert!(eventually(Duration::from_secs(10), || a.status()["aliases"] == 0), "{}", a.status());
+}
+
+/// Closes `f` and returns what `close(2)` said (dropping a `File` ignores it).
+fn close(f: fs::File) -> std::io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor is owned here and closed once.
+    match unsafe { libc::close(f.into_raw_fd()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Two closes of one new file at once: a forked child closes its inherited
+/// copy of the descriptor at `exec` while the parent writes on and closes
+/// its own. The first close creates the file on the server; the second
+/// used to store in the middle of that create, based on the version from
+/// before it: a conflict with itself, and EIO from `close`. The failpoint
+/// holds the first close inside the create, just after the file got its
+/// server number, where the second came in.
+#[test]
+fn two_closes_of_a_new_file_at_once_store_it_once_without_a_conflict() {
+    let dir = TestDir::new("create-on-close-two-closes");
+    let afsd = Afsd::start(dir.path());
+    let a = VenusMount::start_env(dir.path(), "a", &afsd, &[("VENUS_FAILPOINT", "renumbered")]);
+    fs::create_dir(a.path("out")).unwrap();
+    list(&a.path("out"));
+    let (creates, stores) = (afsd.rpcs("create"), afsd.rpcs("store"));
+
+    let mut f = create(&a.path("out/two"));
+    f.write_all(b"first").unwrap();
+    let copy = f.try_clone().unwrap();
+    let first = std::thread::spawn(move || close(copy));
+    // The first close is now paused inside the create.
+    assert!(
+        eventually(Duration::from_secs(5), || afsd.export.join("out/two").exists()),
+        "the first close did not create the file"
+    );
+    f.write_all(b" and second").unwrap();
+    close(f).expect("the second close");
+    first.join().unwrap().expect("the first close");
+
+    assert_eq!(fs::read_to_string(afsd.export.join("out/two")).unwrap(), "first and second");
+    assert_eq!(fs::read_to_string(a.path("out/two")).unwrap(), "first and second");
+    assert_eq!(a.status()["conflicts"], 0, "{}", a.status());
+    assert_eq!(afsd.rpcs("create"), creates + 1, "one create");
+    assert_eq!(afsd.rpcs("store"), stores + 1, "and one store of what was written after it");
 }
 
 /// A file created at close gets its server number, and its container a

@@ -263,6 +263,7 @@ pub struct VenusMount {
     key: PathBuf,
     cache_size: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl VenusMount {
@@ -283,7 +284,25 @@ impl VenusMount {
             key: key.to_path_buf(),
             cache_size: cache_size.to_string(),
             extra: Vec::new(),
+            env: Vec::new(),
         };
+        v.spawn();
+        v
+    }
+
+    /// Mounts with extra environment variables (a `VENUS_FAILPOINT`, say).
+    pub fn start_env(dir: &Path, name: &str, afsd: &Afsd, env: &[(&str, &str)]) -> VenusMount {
+        let mut v = VenusMount {
+            child: None,
+            mountpoint: dir.join(name),
+            cache: dir.join(format!("{name}-cache")),
+            server: afsd.addr.clone(),
+            key: afsd.key_path(),
+            cache_size: "4G".to_string(),
+            extra: Vec::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        std::fs::create_dir_all(&v.mountpoint).unwrap();
         v.spawn();
         v
     }
@@ -300,6 +319,7 @@ impl VenusMount {
             key: afsd.key_path(),
             cache_size: cache_size.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         v.spawn();
         v
@@ -315,6 +335,7 @@ impl VenusMount {
             .arg(&self.cache)
             .args(["--cache-size", &self.cache_size])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if std::env::var_os("RUST_LOG").is_none() {

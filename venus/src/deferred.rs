@@ -156,6 +156,9 @@ impl Venus {
                 // name since: its ctime moved.
                 let now = std::fs::metadata(self.cache.container_path(server)).map(|m| ContainerStamp::of(&m)).ok();
                 let in_step = now.is_some_and(|n| (n.ino, n.size, n.mtime) == (sent.ino, sent.size, sent.mtime));
+                if !in_step {
+                    tracing::debug!(%server, ?sent, ?now, "a new file changed while it was created");
+                }
                 let synced = if in_step { now } else { None };
                 self.cache.update(server, |n| {
                     n.dirty = !in_step;

@@ -54,6 +54,13 @@ pub struct Shared {
     /// Handles open for writing. While there are any, the container's size
     /// and times are the file's, and the kernel may not keep them.
     pub writers: AtomicUsize,
+    /// Held through a close's store (for a new file: its create, then the
+    /// store). Two closes of one open file can come at once: a forked child
+    /// closing its inherited copy of the descriptor at `exec` while the
+    /// parent closes its own. The second then waits for the first, instead
+    /// of storing while the first renumbers the new file, based on the
+    /// version from before the create (a conflict with itself: EIO).
+    storing: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -67,6 +74,7 @@ impl Shared {
             synced: Mutex::new(synced),
             backing: Mutex::new(None),
             writers: AtomicUsize::new(0),
+            storing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -129,6 +137,9 @@ pub struct Venus {
     /// Deferred creates the server refused, still open: local fid -> the
     /// conflict that keeps their content.
     pub(crate) refused: Mutex<HashMap<Fid, u64>>,
+    /// Tests: `VENUS_FAILPOINT` names a point where venus pauses, to open a
+    /// race's window wide (see `failpoint`).
+    failpoint: Option<String>,
 }
 
 pub(crate) fn name_str(name: &std::ffi::OsStr) -> Result<&str> {
@@ -180,6 +191,7 @@ impl Venus {
             counters: Counters::default(),
             deferred: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
+            failpoint: std::env::var("VENUS_FAILPOINT").ok(),
         };
         venus.recover()?;
         Ok(venus)
@@ -202,6 +214,15 @@ impl Venus {
         let keep: HashSet<Fid> = self.cml.records().iter().flat_map(|r| r.op.fids()).collect();
         self.cache.scan_containers(&keep)?;
         self.cache.flush()
+    }
+
+    /// Tests: pauses this thread for half a second at the point `at` if
+    /// `VENUS_FAILPOINT` names it.
+    pub(crate) fn failpoint(&self, at: &str) {
+        if self.failpoint.as_deref() == Some(at) {
+            tracing::warn!("failpoint {at}: pausing");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
 
     pub(crate) fn stripe(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
@@ -719,18 +740,26 @@ impl Venus {
     }
 
     pub(crate) async fn store_shared(&self, shared: &Shared) -> Result<()> {
-        let fid = self.resolve(shared.fid());
-        if let Some(conflict) = self.refused_conflict(fid) {
-            return self.keep_refused(conflict, shared);
-        }
-        if self.is_deferred(fid) {
-            // Created on the server first, with its content.
+        let _one_close_at_a_time = shared.storing.lock().await;
+        loop {
+            let fid = self.resolve(shared.fid());
+            if let Some(conflict) = self.refused_conflict(fid) {
+                return self.keep_refused(conflict, shared);
+            }
             let _g = self.stripe(fid).lock().await;
-            self.create_deferred(fid).await?;
+            // Decided under the lock: reintegration may have renumbered
+            // the file while this waited.
+            if self.resolve(shared.fid()) != fid {
+                continue;
+            }
+            if self.is_deferred(fid) {
+                // Created on the server first, with its content; the store
+                // that follows is skipped if that content is still current.
+                self.create_deferred(fid).await?;
+                continue;
+            }
+            return self.store_locked(fid, shared).await;
         }
-        let fid = self.resolve(shared.fid());
-        let _g = self.stripe(fid).lock().await;
-        self.store_locked(fid, shared).await
     }
 
     /// `store_shared` with the object's stripe lock held.
@@ -749,6 +778,7 @@ impl Venus {
         {
             return Ok(());
         }
+        tracing::debug!(%fid, synced = ?*shared.synced.lock().unwrap(), ?now, dirty, "storing");
         let base = shared.base.lock().unwrap().clone();
         self.cache.update(fid, |n| n.dirty = true);
         if fid.is_local() || !self.link.is_connected() || !self.cml.is_empty() {

@@ -423,6 +423,7 @@ impl Venus {
             // finishes the renumbering from it (`Venus::recover`).
             self.add_alias(local, server)?;
             self.cache.renumber(local, server);
+            self.failpoint("renumbered");
         }
         let version = attr.version.clone();
         self.cache.update(server, |n| {
