@@ -155,7 +155,7 @@ impl Venus {
                 // content was read. The container was linked to its new
                 // name since: its ctime moved.
                 let now = std::fs::metadata(self.cache.container_path(server)).map(|m| ContainerStamp::of(&m)).ok();
-                let in_step = now.is_some_and(|n| (n.ino, n.size, n.mtime) == (sent.ino, sent.size, sent.mtime));
+                let in_step = now.is_some_and(|n| n.same_content(&sent));
                 if !in_step {
                     tracing::debug!(%server, ?sent, ?now, "a new file changed while it was created");
                 }
