@@ -273,56 +273,41 @@ impl VenusMount {
     }
 
     pub fn start_with(dir: &Path, name: &str, server: &str, key: &Path, cache_size: &str) -> VenusMount {
-        let mountpoint = dir.join(name);
-        let cache = dir.join(format!("{name}-cache"));
-        std::fs::create_dir_all(&mountpoint).unwrap();
-        let mut v = VenusMount {
-            child: None,
-            mountpoint,
-            cache,
-            server: server.to_string(),
-            key: key.to_path_buf(),
-            cache_size: cache_size.to_string(),
-            extra: Vec::new(),
-            env: Vec::new(),
-        };
+        let mut v = Self::unstarted(dir, name, server, key, cache_size);
         v.spawn();
         v
     }
 
     /// Mounts with extra environment variables (a `VENUS_FAILPOINT`, say).
     pub fn start_env(dir: &Path, name: &str, afsd: &Afsd, env: &[(&str, &str)]) -> VenusMount {
-        let mut v = VenusMount {
-            child: None,
-            mountpoint: dir.join(name),
-            cache: dir.join(format!("{name}-cache")),
-            server: afsd.addr.clone(),
-            key: afsd.key_path(),
-            cache_size: "4G".to_string(),
-            extra: Vec::new(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
-        std::fs::create_dir_all(&v.mountpoint).unwrap();
+        let mut v = Self::unstarted(dir, name, &afsd.addr, &afsd.key_path(), "4G");
+        v.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         v.spawn();
         v
     }
 
     /// Mounts with extra `venus mount` arguments.
     pub fn start_args(dir: &Path, name: &str, afsd: &Afsd, cache_size: &str, extra: &[&str]) -> VenusMount {
+        let mut v = Self::unstarted(dir, name, &afsd.addr, &afsd.key_path(), cache_size);
+        v.extra = extra.iter().map(|s| s.to_string()).collect();
+        v.spawn();
+        v
+    }
+
+    /// The mount at `dir/<name>` (its directory made), not yet started.
+    fn unstarted(dir: &Path, name: &str, server: &str, key: &Path, cache_size: &str) -> VenusMount {
         let mountpoint = dir.join(name);
         std::fs::create_dir_all(&mountpoint).unwrap();
-        let mut v = VenusMount {
+        VenusMount {
             child: None,
             mountpoint,
             cache: dir.join(format!("{name}-cache")),
-            server: afsd.addr.clone(),
-            key: afsd.key_path(),
+            server: server.to_string(),
+            key: key.to_path_buf(),
             cache_size: cache_size.to_string(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: Vec::new(),
             env: Vec::new(),
-        };
-        v.spawn();
-        v
+        }
     }
 
     fn spawn(&mut self) {
