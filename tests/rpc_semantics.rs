@@ -543,7 +543,9 @@ async fn a_chunk_that_cannot_be_written_fails_its_call_not_the_connection() {
 /// parallel, their replies would leave out of order, and the kernel would
 /// take the file's reads for random ones and stop reading ahead. On a
 /// current-thread runtime the tasks here wake in the order their replies
-/// arrive, and record it.
+/// arrive, and record it, provided all of them wait by then: afsd is
+/// stopped (SIGSTOP) until every request is out, or the first replies
+/// would wake their tasks between the others' first polls.
 #[tokio::test(flavor = "current_thread")]
 async fn chunk_reads_are_answered_in_the_order_they_were_asked() {
     let dir = TestDir::new("chunk-order");
@@ -558,6 +560,8 @@ async fn chunk_reads_are_answered_in_the_order_they_were_asked() {
     for round in 0..5 {
         let arrived = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut set = tokio::task::JoinSet::new();
+        // SAFETY: signals to a child process of this test.
+        assert_eq!(unsafe { libc::kill(afsd.pid(), libc::SIGSTOP) }, 0);
         for i in 0..64usize {
             let (c, arrived, data) = (client.clone(), arrived.clone(), data.clone());
             set.spawn(async move {
@@ -567,6 +571,11 @@ async fn chunk_reads_are_answered_in_the_order_they_were_asked() {
                 assert_eq!(got.data.into_bytes().unwrap()[..], data[i * chunk..(i + 1) * chunk]);
             });
         }
+        // Every task sends its request at its first poll, which this
+        // sleep lets happen.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(afsd.pid(), libc::SIGCONT) }, 0);
         while let Some(r) = set.join_next().await {
             r.unwrap();
         }
