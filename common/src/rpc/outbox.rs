@@ -4,17 +4,26 @@
 //! and bulk frames (chunks of file data). The writer always drains the small
 //! queue first, so a stat never waits behind a gigabyte: at most behind the
 //! one chunk already on the wire.
+//!
+//! A small frame sent while the socket is idle (nothing queued, nothing
+//! half-written, the writer not at work) skips the queue: the sender writes
+//! it to the socket itself. Handing it to the writer task woke another
+//! thread for every request and every reply, on both ends; on two cores
+//! that wake-up was a good part of a small request's latency.
 
 use super::socket::WriteHalf;
 use crate::frame::Outgoing;
 use crate::payload::{FileSlice, Payload};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, Notify};
 
 /// Frames larger than this travel in the bulk queue.
 const BULK_THRESHOLD: usize = 64 << 10;
+/// The writer sends what it has gathered once it holds this much.
+const COALESCE: usize = 128 << 10;
 
 pub type Frame = Arc<Outgoing>;
 
@@ -22,46 +31,117 @@ pub type Frame = Arc<Outgoing>;
 pub struct Outbox {
     urgent: mpsc::Sender<Frame>,
     bulk: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
+}
+
+/// What the writer task and the senders share.
+struct Shared {
+    /// Held by whoever puts bytes on the socket: the writer for a whole
+    /// batch, a sender for one direct write.
+    wire: tokio::sync::Mutex<Wire>,
+    /// Small frames queued and not yet written out. A sender writes
+    /// directly only when there are none, so no frame overtakes one queued
+    /// before it. Counted before the frame is queued; uncounted by the
+    /// writer under `wire` once the frame is on the socket.
+    queued: AtomicUsize,
+    /// Wakes the writer to send what a direct write left behind.
+    kick: Notify,
+    /// A write failed or the writer ended: nothing more goes out. Set
+    /// under `wire`.
+    stopped: AtomicBool,
+}
+
+/// The socket, and the bytes accepted for it and not yet written.
+struct Wire {
+    sock: WriteHalf,
+    buf: Vec<u8>,
+    /// How much of `buf` is already on the socket.
+    sent: usize,
+}
+
+impl Wire {
+    fn pending(&self) -> bool {
+        self.sent < self.buf.len()
+    }
+
+    /// Writes what the socket takes without waiting; true once all is out.
+    fn try_flush(&mut self) -> std::io::Result<bool> {
+        while self.pending() {
+            match self.sock.try_write(&self.buf[self.sent..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.clear();
+        self.sent = 0;
+        Ok(true)
+    }
+
+    /// Writes everything accepted, waiting for room as needed.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.pending() {
+            let (sock, rest) = (&mut self.sock, &self.buf[self.sent..]);
+            sock.write_all(rest).await?;
+        }
+        self.buf.clear();
+        self.sent = 0;
+        Ok(())
+    }
+
+    /// Sends a frame: its head and small payload through the buffer, a
+    /// large payload straight from memory, a file range from the page
+    /// cache.
+    async fn write(&mut self, frame: &Outgoing) -> std::io::Result<()> {
+        self.buf.extend_from_slice(frame.head());
+        match frame.payload() {
+            Payload::Bytes(b) if b.len() < COALESCE => self.buf.extend_from_slice(b),
+            Payload::Bytes(b) => {
+                self.flush().await?;
+                self.sock.write_all(b).await?;
+            }
+            Payload::File(slice) => {
+                self.flush().await?;
+                send_file(&mut self.sock, slice).await?;
+            }
+        }
+        if self.buf.len() >= COALESCE {
+            self.flush().await?;
+        }
+        Ok(())
+    }
 }
 
 /// The writer task has stopped: the connection is gone.
 #[derive(Debug)]
 pub struct Closed;
 
+/// Uncounts a small frame whose send was abandoned before it was queued.
+struct QueuedGuard<'a>(&'a AtomicUsize);
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Outbox {
     /// Starts the writer task on `w`. It ends when every `Outbox` clone is
     /// dropped or a write fails.
     pub fn spawn(w: WriteHalf) -> Outbox {
-        let mut w = BufWriter::with_capacity(128 << 10, w);
-        let (urgent, mut urgent_rx) = mpsc::channel::<Frame>(1024);
+        let (urgent, urgent_rx) = mpsc::channel::<Frame>(1024);
         // Two bulk frames queued keep the link busy without holding much memory.
-        let (bulk, mut bulk_rx) = mpsc::channel::<Frame>(2);
-        tokio::spawn(async move {
-            loop {
-                let frame = tokio::select! {
-                    biased;
-                    Some(f) = urgent_rx.recv() => f,
-                    Some(f) = bulk_rx.recv() => f,
-                    else => break,
-                };
-                if write(&mut w, &frame).await.is_err() {
-                    break;
-                }
-                // Coalesce whatever small frames are already waiting.
-                let mut failed = false;
-                while let Ok(f) = urgent_rx.try_recv() {
-                    if write(&mut w, &f).await.is_err() {
-                        failed = true;
-                        break;
-                    }
-                }
-                if failed || w.flush().await.is_err() {
-                    break;
-                }
-            }
-            let _ = w.shutdown().await;
+        let (bulk, bulk_rx) = mpsc::channel::<Frame>(2);
+        let shared = Arc::new(Shared {
+            wire: tokio::sync::Mutex::new(Wire { sock: w, buf: Vec::new(), sent: 0 }),
+            queued: AtomicUsize::new(0),
+            kick: Notify::new(),
+            stopped: AtomicBool::new(false),
         });
-        Outbox { urgent, bulk }
+        tokio::spawn(run_writer(shared.clone(), urgent_rx, bulk_rx));
+        Outbox { urgent, bulk, shared }
     }
 
     /// Encodes and queues a message.
@@ -76,27 +156,126 @@ impl Outbox {
     }
 
     pub async fn send(&self, frame: Frame) -> Result<(), Closed> {
-        let queue = if frame.len() > BULK_THRESHOLD { &self.bulk } else { &self.urgent };
-        queue.send(frame).await.map_err(|_| Closed)
+        if frame.len() > BULK_THRESHOLD {
+            return self.bulk.send(frame).await.map_err(|_| Closed);
+        }
+        if matches!(frame.payload(), Payload::Bytes(_)) {
+            match self.try_direct(&frame) {
+                Direct::Sent => return Ok(()),
+                Direct::Closed => return Err(Closed),
+                Direct::Busy => {}
+            }
+        }
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        let guard = QueuedGuard(&self.shared.queued);
+        self.urgent.send(frame).await.map_err(|_| Closed)?;
+        // Queued: the writer uncounts it once it is out.
+        std::mem::forget(guard);
+        Ok(())
+    }
+
+    /// Writes a small frame to the socket on this thread if the socket is
+    /// idle. Never waits: bytes the socket does not take now are left to
+    /// the writer, so a send abandoned midway (a timeout) cannot cut a frame.
+    fn try_direct(&self, frame: &Outgoing) -> Direct {
+        let Ok(mut wire) = self.shared.wire.try_lock() else {
+            return Direct::Busy;
+        };
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Direct::Closed;
+        }
+        if wire.pending() || self.shared.queued.load(Ordering::SeqCst) != 0 {
+            return Direct::Busy;
+        }
+        wire.buf.extend_from_slice(frame.head());
+        if let Payload::Bytes(b) = frame.payload() {
+            wire.buf.extend_from_slice(b);
+        }
+        match wire.try_flush() {
+            Ok(true) => Direct::Sent,
+            Ok(false) => {
+                drop(wire);
+                self.shared.kick.notify_one();
+                Direct::Sent
+            }
+            Err(e) => {
+                tracing::debug!("a direct write failed: {e}");
+                self.shared.stopped.store(true, Ordering::SeqCst);
+                drop(wire);
+                self.shared.kick.notify_one();
+                Direct::Closed
+            }
+        }
     }
 
     pub fn is_closed(&self) -> bool {
-        self.urgent.is_closed()
+        self.urgent.is_closed() || self.shared.stopped.load(Ordering::SeqCst)
     }
 }
 
-/// The head goes through the buffer; a large payload goes straight to the
-/// socket (the buffer passes writes larger than itself through), and a file
-/// range goes from the page cache to the socket.
-async fn write(w: &mut BufWriter<WriteHalf>, frame: &Outgoing) -> std::io::Result<()> {
-    w.write_all(frame.head()).await?;
-    match frame.payload() {
-        Payload::Bytes(b) => w.write_all(b).await,
-        Payload::File(slice) => {
-            w.flush().await?;
-            send_file(w.get_mut(), slice).await
+enum Direct {
+    Sent,
+    Busy,
+    Closed,
+}
+
+/// The writer task: sends queued frames, small ones first, gathering the
+/// small ones already waiting into one write, and finishes what direct
+/// writes left behind.
+async fn run_writer(shared: Arc<Shared>, mut urgent_rx: mpsc::Receiver<Frame>, mut bulk_rx: mpsc::Receiver<Frame>) {
+    let (mut urgent_open, mut bulk_open) = (true, true);
+    while urgent_open || bulk_open {
+        let first = tokio::select! {
+            biased;
+            f = urgent_rx.recv(), if urgent_open => match f {
+                Some(f) => Some((f, true)),
+                None => {
+                    urgent_open = false;
+                    continue;
+                }
+            },
+            f = bulk_rx.recv(), if bulk_open => match f {
+                Some(f) => Some((f, false)),
+                None => {
+                    bulk_open = false;
+                    continue;
+                }
+            },
+            _ = shared.kick.notified() => None,
+        };
+        let mut wire = shared.wire.lock().await;
+        if shared.stopped.load(Ordering::SeqCst) {
+            break;
+        }
+        let mut small = 0;
+        let mut result = Ok(());
+        if let Some((f, is_small)) = first {
+            small += usize::from(is_small);
+            result = wire.write(&f).await;
+        }
+        while result.is_ok() {
+            let Ok(f) = urgent_rx.try_recv() else { break };
+            small += 1;
+            result = wire.write(&f).await;
+        }
+        if result.is_ok() {
+            result = wire.flush().await;
+        }
+        shared.queued.fetch_sub(small, Ordering::SeqCst);
+        if let Err(e) = result {
+            tracing::debug!("a write failed: {e}");
+            shared.stopped.store(true, Ordering::SeqCst);
+            break;
         }
     }
+    // Ends the sending direction (the peer reads the end of the stream), and
+    // no sender writes after this.
+    let mut wire = shared.wire.lock().await;
+    shared.stopped.store(true, Ordering::SeqCst);
+    let _ = wire.sock.shutdown().await;
+    // Queued senders get `Closed` from here on.
+    urgent_rx.close();
+    bulk_rx.close();
 }
 
 /// Sends a file range with `sendfile(2)` on the non-blocking socket,
@@ -255,6 +434,8 @@ async fn send_by_reading(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::Message;
+    use crate::proto::{Request, StageWriteReq};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -322,6 +503,114 @@ mod tests {
         drop(tx);
         assert!(reader.await.unwrap() == data[offset..offset + len]);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// A message that says who sent it and its place in that sender's order.
+    fn numbered(sender: u64, n: u64) -> Frame {
+        Arc::new(crate::frame::encode_message(Message::BreakAck { id: sender << 32 | n }).unwrap())
+    }
+
+    /// A bulk frame: a staged write of `len` bytes, each `handle as u8`.
+    fn bulk(handle: u64, len: usize) -> Frame {
+        let body = Request::StageWrite(StageWriteReq { handle, offset: 0, data: vec![handle as u8; len].into() });
+        let xid = crate::proto::Xid { client: uuid::Uuid::nil(), seq: handle };
+        Arc::new(crate::frame::encode_message(Message::Call { xid, ack: 0, body }).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_sent_at_once_arrive_whole_and_each_in_its_senders_order() {
+        // Many senders at once, so that some frames go straight to the
+        // socket and others through the queue, with bulk frames (written
+        // by the writer alone) between them.
+        let (tx, mut rx) = pair().await;
+        let outbox = Outbox::spawn(tx);
+        let (senders, each, bulks) = (6u64, 400u64, 8u64);
+        let mut tasks = Vec::new();
+        for s in 0..senders {
+            let outbox = outbox.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..each {
+                    outbox.send(numbered(s, n)).await.unwrap();
+                    if n % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        let big = outbox.clone();
+        tasks.push(tokio::spawn(async move {
+            for h in 1..=bulks {
+                big.send(bulk(h, 300 << 10)).await.unwrap();
+            }
+        }));
+        for t in tasks {
+            t.await.unwrap();
+        }
+        drop(outbox);
+        let mut next = vec![0u64; senders as usize];
+        let mut bulk_seen = 0;
+        while let Some(msg) = crate::frame::read_message_frame(&mut rx).await.unwrap() {
+            match msg {
+                Message::BreakAck { id } => {
+                    let (s, n) = ((id >> 32) as usize, id & 0xffff_ffff);
+                    assert_eq!(n, next[s], "sender {s}'s frames out of order");
+                    next[s] += 1;
+                }
+                Message::Call { body: Request::StageWrite(w), .. } => {
+                    assert_eq!(w.data.len(), 300 << 10);
+                    assert!(w.data.iter().all(|&b| b == w.handle as u8), "bulk frame {} mixed with others", w.handle);
+                    bulk_seen += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(next.iter().all(|&n| n == each), "frames lost: {next:?}");
+        assert_eq!(bulk_seen, bulks);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_frame_the_socket_cannot_take_at_once_still_arrives_whole() {
+        // The peer reads nothing until the socket's buffers are full, so
+        // direct writes stop part-way and the writer must finish them.
+        let (tx, mut rx) = pair().await;
+        let outbox = Outbox::spawn(tx);
+        let sender = tokio::spawn(async move {
+            for h in 0..200u64 {
+                // Small enough for a direct write, large enough to fill the
+                // socket's buffers in a few dozen.
+                outbox.send(bulk(h, 60 << 10)).await.unwrap();
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut seen = 0u64;
+        while let Some(msg) = crate::frame::read_message_frame(&mut rx).await.unwrap() {
+            let Message::Call { body: Request::StageWrite(w), .. } = msg else { panic!("unexpected message") };
+            assert_eq!(w.handle, seen, "frames out of order");
+            assert!(w.data.len() == 60 << 10 && w.data.iter().all(|&b| b == w.handle as u8));
+            seen += 1;
+        }
+        sender.await.unwrap();
+        assert_eq!(seen, 200);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closed_peer_makes_sends_fail_instead_of_hang() {
+        let (tx, rx) = pair().await;
+        let outbox = Outbox::spawn(tx);
+        drop(rx);
+        let mut failed = false;
+        for n in 0..10_000 {
+            let sent = tokio::time::timeout(std::time::Duration::from_secs(5), outbox.send(numbered(0, n)))
+                .await
+                .expect("a send hung on a closed connection");
+            if sent.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(failed, "sends to a closed peer kept succeeding");
+        assert!(outbox.is_closed());
     }
 
     #[tokio::test(flavor = "current_thread")]

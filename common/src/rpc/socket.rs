@@ -116,6 +116,14 @@ pub struct WriteHalf {
 }
 
 impl WriteHalf {
+    /// Writes what the socket takes now, without waiting (`WouldBlock`
+    /// when it takes nothing). The readiness the runtime remembers is left
+    /// as it is: a later wait that finds the socket still full simply
+    /// waits again.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.fd.get_ref().write(buf)
+    }
+
     /// Runs `op` (a non-blocking write of some kind on the socket) once the
     /// socket has room, waiting again whenever it would block.
     pub async fn write_with<R>(&self, mut op: impl FnMut(RawFd) -> io::Result<R>) -> io::Result<R> {
