@@ -625,14 +625,17 @@ impl Cache {
     }
 
     /// Eviction candidates, least recently used first: containers that are
-    /// clean and not in `open` (stale ones included).
+    /// clean and not in `open` (stale ones included). A file with a local
+    /// fid is never one: the server does not have it yet (a create waiting
+    /// for its first close, or one in the log), so its container is the
+    /// only copy, even when nothing marks it dirty.
     pub fn eviction_order(&self, open: &dyn Fn(Fid) -> bool) -> Vec<(Fid, u64)> {
         let nodes = self.nodes.lock().unwrap();
         let sizes = self.sizes.lock().unwrap();
         // Unhoarded first, then the lowest hoard priorities; LRU within each.
         let mut c: Vec<(u32, u64, Fid, u64)> = nodes
             .iter()
-            .filter(|(f, n)| !n.dirty && !open(**f))
+            .filter(|(f, n)| !f.is_local() && !n.dirty && !open(**f))
             .filter_map(|(f, n)| sizes.get(f).map(|s| (n.hoard, n.last_used, *f, *s)))
             .collect();
         c.sort_unstable();
@@ -730,6 +733,28 @@ mod tests {
         assert!(!dir.join("containers").join("7.fetch-abc").exists());
         let shards = std::fs::read_dir(dir.join("containers")).unwrap().count();
         assert_eq!(shards as u64, SHARDS);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A new file whose server create waits for its first close has a
+    /// clean-looking container that is its only copy: eviction passes it
+    /// over, and takes the server file beside it.
+    #[test]
+    fn eviction_never_takes_a_file_the_server_does_not_have() {
+        let dir = std::env::temp_dir().join(format!("venus-cache-test-{}", Uuid::new_v4().simple()));
+        let cache = Cache::open(&dir, 1 << 30).unwrap();
+        let (new, fetched) = (Fid::local(7), Fid(700));
+        for fid in [new, fetched] {
+            std::fs::write(cache.container_path(fid), "data").unwrap();
+            let stamp = ContainerStamp::of(&std::fs::metadata(cache.container_path(fid)).unwrap());
+            let mut node = Node::new(file_attr(fid, 4), Some((Fid::ROOT, fid.0.to_string())));
+            node.cached = true;
+            node.clean = Some(stamp);
+            cache.insert(fid, node);
+            cache.set_size(fid, 4);
+        }
+        assert_eq!(cache.eviction_order(&|_| false), vec![(fetched, 4)]);
+        drop(cache);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
