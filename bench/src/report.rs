@@ -118,6 +118,23 @@ pub fn extras(cfg: &Config, res: &Results) -> String {
             "Reintegration (workload 8) takes **{r:.2}×** the time of doing the same operations connected.\n"
         );
     }
+    if !res.andrew_steal.is_empty() {
+        let per_kind: Vec<String> = res
+            .andrew_steal
+            .iter()
+            .map(|(k, v)| {
+                let (med, lo, hi) = summary(v);
+                format!("{} {:.0}% [{:.0}–{:.0}%]", k.title(), med * 100.0, lo * 100.0, hi * 100.0)
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "Host steal during the Andrew passes (the share of this machine's CPU time its host ran something \
+             else instead; median [min–max] over the passes): {}. A quiet host takes a few percent; at 30-35% \
+             a warm pass's Copy phase was seen to take 2-3 times as long as in a quiet minute.\n",
+            per_kind.join(", ")
+        );
+    }
     if !res.memory.is_empty() {
         let _ = writeln!(s, "Peak memory (VmHWM, reset before each workload):\n");
         let _ = writeln!(s, "| during | venus | afsd |\n|---|---|---|");

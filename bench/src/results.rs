@@ -50,6 +50,9 @@ pub struct Results {
     /// Workload 7: seconds the breaking store took, per run.
     pub break_store: Vec<f64>,
     pub break_holders: usize,
+    /// Workload 1: the share of CPU time the host took during each
+    /// Andrew pass, per system (see `util::cpu_ticks`).
+    pub andrew_steal: BTreeMap<Kind, Vec<f64>>,
     /// Things that went wrong (a system that could not start, a workload
     /// that failed): reported, not fatal.
     pub failures: Vec<String>,

@@ -183,3 +183,22 @@ pub fn poll(limit: Duration, every: Duration, mut cond: impl FnMut() -> bool) ->
         std::thread::sleep(every);
     }
 }
+
+/// The machine's CPU time so far, in ticks: (stolen by the host, all).
+/// Steal is the time a virtual CPU was ready to run and the host ran
+/// something else instead; on a shared host it is what makes figures
+/// taken minutes apart disagree.
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user and nice)
+    let total = fields.iter().take(8).sum();
+    Some((*fields.get(7)?, total))
+}
+
+/// The share of CPU time the host took between two `cpu_ticks` readings.
+pub fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| (s1.saturating_sub(s0)) as f64 / (t1 - t0) as f64)
+}

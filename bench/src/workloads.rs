@@ -120,13 +120,19 @@ pub fn interleaves_andrew(cfg: &Config) -> bool {
 fn andrew_record(cfg: &Config, root: &Path, kind: Kind, pass: &str, run: usize, res: &mut Results) -> Result<()> {
     let base = if pass == "cold" { 0 } else { 10 };
     let t = Instant::now();
+    let ticks = util::cpu_ticks();
     let phases = andrew_pass(cfg, root, run == 0)?;
+    let steal = util::steal_share(ticks, util::cpu_ticks());
+    if let Some(st) = steal {
+        res.andrew_steal.entry(kind).or_default().push(st);
+    }
     eprintln!(
-        "bench:   andrew {} {pass} run {}: total {:.2} s (wall {:.1} s)",
+        "bench:   andrew {} {pass} run {}: total {:.2} s (wall {:.1} s, host steal {:.0}%)",
         kind.key(),
         run + 1,
         phases.last().map(|p| p.1).unwrap_or(0.0),
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        steal.unwrap_or(0.0) * 100.0
     );
     for (name, secs) in phases {
         let (i, label, plot) = match ANDREW_PHASES.iter().position(|p| *p == name) {
