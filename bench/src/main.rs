@@ -37,19 +37,19 @@ fn main() -> ExitCode {
 
 type Workload = fn(&Config, &Layout, &mut System, &mut Results) -> Result<()>;
 
-fn workloads() -> Vec<(u32, &'static str, Workload)> {
+fn workloads() -> Vec<(u32, Workload)> {
     vec![
-        (1, "Andrew", workloads::andrew),
+        (1, workloads::andrew),
         // 3 before 2: the cold read leaves the file cached for the warm read.
-        (3, "cold read", workloads::cold_read),
-        (2, "warm read", |c, _, s, r| workloads::warm_read(c, s, r)),
-        (4, "write-back", |c, _, s, r| workloads::write_back(c, s, r)),
+        (3, workloads::cold_read),
+        (2, |c, _, s, r| workloads::warm_read(c, s, r)),
+        (4, |c, _, s, r| workloads::write_back(c, s, r)),
         // 6 before 5: the files workload 6 creates are the cached files
         // workload 5 opens.
-        (6, "creates", |c, _, s, r| workloads::creates(c, s, r)),
-        (5, "small opens", |c, _, s, r| workloads::small_opens(c, s, r)),
-        (7, "server scale", |c, _, s, r| scale::run(c, s.addr(), s.state_dir(), r)),
-        (8, "reintegration", |c, _, s, r| workloads::reintegration(c, s, r)),
+        (6, |c, _, s, r| workloads::creates(c, s, r)),
+        (5, |c, _, s, r| workloads::small_opens(c, s, r)),
+        (7, |c, _, s, r| scale::run(c, s.addr(), s.state_dir(), r)),
+        (8, |c, _, s, r| workloads::reintegration(c, s, r)),
     ]
 }
 
@@ -98,17 +98,28 @@ fn run() -> Result<()> {
                 continue;
             }
         };
-        for (w, name, f) in workloads() {
+        for (w, f) in workloads() {
+            let name = workloads::name(w);
             if !cfg.wants(w) || (w >= 7 && kind != Kind::Afs) {
                 continue;
             }
             let tw = Instant::now();
+            let ticks = util::cpu_ticks();
             eprintln!("bench: {} workload {w} ({name})", kind.key());
             if let Err(e) = f(&cfg, &layout, &mut sys, &mut res) {
                 eprintln!("bench: {} workload {w} failed: {e:#}", kind.key());
                 res.failures.push(format!("{}, workload {w} ({name}): {e:#}", kind.title()));
             }
-            eprintln!("bench: {} workload {w} took {:.1} s", kind.key(), tw.elapsed().as_secs_f64());
+            let steal = util::steal_share(ticks, util::cpu_ticks());
+            if let Some(st) = steal {
+                res.workload_steal.insert((w, kind), st);
+            }
+            eprintln!(
+                "bench: {} workload {w} took {:.1} s (host steal {})",
+                kind.key(),
+                tw.elapsed().as_secs_f64(),
+                util::percent(steal)
+            );
         }
         sys.stop();
         eprintln!("bench: {} done in {:.1} s", kind.key(), t.elapsed().as_secs_f64());

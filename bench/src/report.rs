@@ -135,6 +135,9 @@ pub fn extras(cfg: &Config, res: &Results) -> String {
             per_kind.join(", ")
         );
     }
+    if !res.workload_steal.is_empty() {
+        s.push_str(&steal_table(cfg, res));
+    }
     if !res.memory.is_empty() {
         let _ = writeln!(s, "Peak memory (VmHWM, reset before each workload):\n");
         let _ = writeln!(s, "| during | venus | afsd |\n|---|---|---|");
@@ -389,4 +392,36 @@ fn draw(cfg: &Config, res: &Results, buf: &mut [u8], size: (u32, u32), subtitle:
     chart.draw_series(pts.iter().map(|&(x, y)| Text::new(format!("{y:.0}"), (x, y + ymax * 0.03), style.clone())))?;
     root.present()?;
     Ok(())
+}
+
+/// The host's steal over each whole workload, one column per system: a
+/// figure far from its neighbours was taken while the host was busy.
+fn steal_table(cfg: &Config, res: &Results) -> String {
+    let mut s = String::from(
+        "Host steal over each whole workload (afs's workload 1 includes local disk's passes made between its \
+         own):\n\n| workload |",
+    );
+    let kinds: Vec<Kind> =
+        cfg.systems.iter().copied().filter(|k| res.workload_steal.keys().any(|(_, k2)| k2 == k)).collect();
+    for k in &kinds {
+        let _ = write!(s, " {} |", k.title());
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(kinds.len()));
+    s.push('\n');
+    let workloads: std::collections::BTreeSet<u32> = res.workload_steal.keys().map(|(w, _)| *w).collect();
+    for w in workloads {
+        let _ = write!(s, "| {w}. {} |", crate::workloads::name(w));
+        for k in &kinds {
+            match res.workload_steal.get(&(w, *k)) {
+                Some(st) => {
+                    let _ = write!(s, " {:.0}% |", st * 100.0);
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s
 }

@@ -53,6 +53,8 @@ pub struct Results {
     /// Workload 1: the share of CPU time the host took during each
     /// Andrew pass, per system (see `util::cpu_ticks`).
     pub andrew_steal: BTreeMap<Kind, Vec<f64>>,
+    /// The same over each whole workload, by (workload, system).
+    pub workload_steal: BTreeMap<(u32, Kind), f64>,
     /// Things that went wrong (a system that could not start, a workload
     /// that failed): reported, not fatal.
     pub failures: Vec<String>,

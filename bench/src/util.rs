@@ -202,3 +202,8 @@ pub fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Opt
     let ((s0, t0), (s1, t1)) = (before?, after?);
     (t1 > t0).then(|| (s1.saturating_sub(s0)) as f64 / (t1 - t0) as f64)
 }
+
+/// A share as a whole percentage, or "unknown" when it could not be read.
+pub fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "unknown".to_string(), |s| format!("{:.0}%", s * 100.0))
+}

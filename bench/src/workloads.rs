@@ -16,6 +16,21 @@ const ANDREW_PHASES: [&str; 5] = ["MakeDir", "Copy", "ScanDir", "ReadAll", "Make
 /// Creates the data every system starts from: the Andrew source tree, the
 /// large file and the small files, in the plain directory and (as a copy) in
 /// afsd's export, plus the files of the server-scale workload.
+/// A workload's short name, for the log and the report.
+pub fn name(workload: u32) -> &'static str {
+    match workload {
+        1 => "Andrew",
+        2 => "warm read",
+        3 => "cold read",
+        4 => "write-back",
+        5 => "small opens",
+        6 => "creates",
+        7 => "server scale",
+        8 => "reintegration",
+        _ => "?",
+    }
+}
+
 pub fn prepare(cfg: &Config, layout: &Layout) -> Result<()> {
     // Each system's directory in a block group of its own: on ext4 without
     // a journal, creating files next to the tens of thousands the previous
@@ -127,12 +142,12 @@ fn andrew_record(cfg: &Config, root: &Path, kind: Kind, pass: &str, run: usize, 
         res.andrew_steal.entry(kind).or_default().push(st);
     }
     eprintln!(
-        "bench:   andrew {} {pass} run {}: total {:.2} s (wall {:.1} s, host steal {:.0}%)",
+        "bench:   andrew {} {pass} run {}: total {:.2} s (wall {:.1} s, host steal {})",
         kind.key(),
         run + 1,
         phases.last().map(|p| p.1).unwrap_or(0.0),
         t.elapsed().as_secs_f64(),
-        steal.unwrap_or(0.0) * 100.0
+        util::percent(steal)
     );
     for (name, secs) in phases {
         let (i, label, plot) = match ANDREW_PHASES.iter().position(|p| *p == name) {
