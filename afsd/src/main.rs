@@ -54,10 +54,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     common::tune_allocator();
     common::raise_fd_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    common::init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         // Two at least: a commit's flush blocks the worker it runs on (see
         // `Db::sync`), and the other must go on serving.

@@ -34,6 +34,31 @@ pub fn tune_allocator() {
     }
 }
 
+/// Logs to stderr at the levels `RUST_LOG` names, as targets and levels
+/// only ("warn", "venus=debug,info"): `Targets` needs no regex engine,
+/// which spared the build two of its heaviest crates. Unset means info; a
+/// malformed value also means info, and says so. Call once at the start
+/// of a binary.
+pub fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let info = || Targets::new().with_default(LevelFilter::INFO);
+    let (filter, malformed) = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.trim().is_empty() => match s.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (info(), Some((s, e))),
+        },
+        _ => (info(), None),
+    };
+    // Colours only for a person at a terminal, not in log files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(layer).with(filter).init();
+    if let Some((value, e)) = malformed {
+        tracing::warn!("RUST_LOG={value:?} is not a list of targets and levels ({e}); logging at info");
+    }
+}
+
 /// Raises the soft limit on open descriptors to the hard limit. Each
 /// connection holds two (its socket's halves, see `rpc::socket`) and each
 /// open transfer one more, so a server with many clients would reach a

@@ -201,10 +201,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     common::tune_allocator();
     common::raise_fd_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    common::init_logging();
     let result = match cli.cmd {
         Cmd::Mount { mountpoint, server, key, cache, cache_size, hoard_interval } => {
             mount::run(mount::MountOptions { mountpoint, server, key, cache, cache_size, hoard_interval })
