@@ -377,6 +377,7 @@ pub fn creates(cfg: &Config, sys: &mut System, res: &mut Results) -> Result<()> 
     for run in 0..cfg.create_runs_for(sys.kind) {
         let dir = sys.root.join(format!("create-{}-{run}", sys.kind.key()));
         let ((), secs) = timed(|| create_small_files(&dir, cfg.create_files))?;
+        eprintln!("bench:   creates run {}: {:.0} µs per file", run + 1, secs * 1e6 / cfg.create_files as f64);
         res.add((6, 0), &label, Show::PerOp { n: cfg.create_files as f64 }, Some("create"), sys.kind, secs);
         sys.settle()?;
         sys.created = Some((dir, cfg.create_files));
