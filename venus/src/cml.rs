@@ -225,14 +225,30 @@ impl Cml {
         Ok(())
     }
 
+    /// `append_mapped` with the fids as they are (tests).
+    #[cfg(test)]
+    pub fn append(&self, op: CmlOp, seq: Option<u64>) -> Result<()> {
+        self.append_mapped(op, seq, &|f| f)
+    }
+
     /// Appends a change, optimising the log. `seq` is the transaction id of
     /// a connected attempt that failed (the server may have run it).
-    pub fn append(&self, op: CmlOp, seq: Option<u64>) -> Result<()> {
+    ///
+    /// `current` gives each fid's current name (a local fid's server fid
+    /// once it has one), asked under the log's lock: a change decided just
+    /// before reintegration renumbered its object would otherwise be logged
+    /// under the old local fid after `remap` rewrote every other record,
+    /// and its store would find no container under that name. The
+    /// renumbering records the alias before it remaps the log, so a change
+    /// appended before the remap is rewritten by it, and one appended after
+    /// it sees the alias here.
+    pub fn append_mapped(&self, op: CmlOp, seq: Option<u64>, current: &dyn Fn(Fid) -> Fid) -> Result<()> {
         let mut recs = self.records.lock().unwrap();
         // Only records not yet sent may be rewritten or dropped: a sent one
         // may have run on the server.
         let unsent = |r: &Record| r.seq.is_none();
         let mut op = op;
+        op.map_fids(&current);
         match &mut op {
             CmlOp::Store { fid, base, mode } if seq.is_none() => {
                 // Repeated stores: keep one, with the first store's base.

@@ -25,7 +25,7 @@ use crate::cache::ContainerStamp;
 use crate::cml::CmlOp;
 use crate::conflicts::ConflictKind;
 use crate::errors::{errno, Result};
-use crate::fs::{promise_exp, Shared, Venus};
+use crate::fs::{promise_exp, Opening, Shared, Venus};
 use common::proto::{CreateReq, NewContent, Reply, Request};
 use common::rpc::store_request;
 use common::{Fid, FileKind, FsError, VersionVector};
@@ -45,7 +45,13 @@ impl Venus {
     /// first close; `None` if it must be created now. An exclusive create
     /// (`O_EXCL`) never waits: it is how programs on different clients take
     /// a lock, and only the server can say who got it.
-    pub(crate) fn defer_create(&self, dir: Fid, name: &str, mode: u32, exclusive: bool) -> Result<Option<Fid>> {
+    pub(crate) fn defer_create(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        exclusive: bool,
+    ) -> Result<Option<(Fid, Opening<'_>)>> {
         if exclusive || dir.is_local() || !self.link.is_connected() || !self.cml.is_empty() {
             return Ok(None);
         }
@@ -57,6 +63,8 @@ impl Venus {
             return Ok(None);
         }
         let fid = self.new_local_fid()?;
+        // Held before the sweep of orphans can see it in `deferred`.
+        let opening = self.begin_open(fid);
         let mut node = self.local_node(fid, dir, name, FileKind::File, mode, 0);
         let f = File::create(self.cache.container_path(fid))?;
         node.cached = true;
@@ -66,7 +74,7 @@ impl Venus {
         self.cache.set_size(fid, 0);
         self.deferred.lock().unwrap().insert(fid, Deferred { dir, name: name.to_string(), mode });
         self.after_dir_change(dir, None, Some((name, fid, FileKind::File)), None);
-        Ok(Some(fid))
+        Ok(Some((fid, opening)))
     }
 
     pub(crate) fn is_deferred(&self, fid: Fid) -> bool {
@@ -190,7 +198,7 @@ impl Venus {
     /// older changes that must go first); the close that follows logs the
     /// content like any offline store.
     fn log_deferred(&self, local: Fid, d: &Deferred, seq: Option<u64>) -> Result<()> {
-        self.cml.append(CmlOp::Create { dir: d.dir, name: d.name.clone(), fid: local, mode: d.mode }, seq)?;
+        self.log_append(CmlOp::Create { dir: d.dir, name: d.name.clone(), fid: local, mode: d.mode }, seq)?;
         self.cache.update(local, |n| n.awaiting_create = false);
         self.deferred.lock().unwrap().remove(&local);
         self.cache.update(d.dir, |n| n.dirty = true);
@@ -242,8 +250,13 @@ impl Venus {
     /// with the file still deferred): created now, while connected.
     pub(crate) async fn create_orphaned_deferred(&self) {
         let fids: Vec<Fid> = self.deferred.lock().unwrap().keys().copied().collect();
-        for fid in fids.into_iter().filter(|f| !self.is_open(*f)) {
+        for fid in fids.into_iter().filter(|f| !self.is_open_or_opening(*f)) {
             let _g = self.stripe(fid).lock().await;
+            // Asked again under the stripe, which an open takes before it
+            // registers: one that began meanwhile keeps the file.
+            if self.is_open_or_opening(fid) {
+                continue;
+            }
             if let Err(e) = self.create_deferred(fid).await {
                 tracing::warn!(%fid, "creating a closed file on the server failed: {e}");
             }
@@ -283,8 +296,8 @@ impl Venus {
             }
             let Some((dir, name)) = node.parent.clone() else { continue };
             tracing::info!(%fid, %name, "logging a file whose create a crash cut short");
-            self.cml.append(CmlOp::Create { dir, name, fid, mode: node.attr.mode }, None)?;
-            self.cml.append(CmlOp::Store { fid, base: VersionVector::new(), mode: None }, None)?;
+            self.log_append(CmlOp::Create { dir, name, fid, mode: node.attr.mode }, None)?;
+            self.log_append(CmlOp::Store { fid, base: VersionVector::new(), mode: None }, None)?;
             self.cache.update(dir, |n| n.dirty = true);
             n += 1;
         }

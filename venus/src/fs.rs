@@ -116,6 +116,8 @@ pub struct Venus {
     handles: Mutex<HashMap<u64, OpenFile>>,
     /// The shared open state of each open file.
     pub(crate) opened: Mutex<HashMap<Fid, (usize, Arc<Shared>)>>,
+    /// Opens under way, by fid (see `Opening`).
+    opening: Mutex<HashMap<Fid, usize>>,
     next_fh: AtomicU64,
     /// Bumped by every break, so a fetch can tell a break raced with it.
     break_gen: Mutex<HashMap<Fid, u64>>,
@@ -178,6 +180,7 @@ impl Venus {
             mountpoint,
             handles: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             break_gen: Mutex::new(HashMap::new()),
             negatives: Mutex::new(HashMap::new()),
@@ -218,10 +221,13 @@ impl Venus {
 
     /// Tests: pauses this thread for half a second at the point `at` if
     /// `VENUS_FAILPOINT` names it.
+    /// Pauses 500 ms at `at` if it is the failpoint (`VENUS_FAILPOINT_MS`
+    /// sets another length, for windows that must outlast a reconnection).
     pub(crate) fn failpoint(&self, at: &str) {
         if self.failpoint.as_deref() == Some(at) {
-            tracing::warn!("failpoint {at}: pausing");
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            let ms = std::env::var("VENUS_FAILPOINT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+            tracing::warn!("failpoint {at}: pausing {ms} ms");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
     }
 
@@ -285,6 +291,19 @@ impl Venus {
 
     pub fn is_open(&self, fid: Fid) -> bool {
         self.opened.lock().unwrap().contains_key(&fid)
+    }
+
+    /// Marks `fid` as being opened until the guard goes (see `Opening`).
+    pub(crate) fn begin_open(&self, fid: Fid) -> Opening<'_> {
+        *self.opening.lock().unwrap().entry(fid).or_insert(0) += 1;
+        Opening { venus: self, fid }
+    }
+
+    /// Whether a handle holds `fid` or an open of it is under way: what
+    /// the sweeps that act on files nobody holds must ask. (`opening`
+    /// first: an open leaves it only once `opened` has it.)
+    pub(crate) fn is_open_or_opening(&self, fid: Fid) -> bool {
+        self.opening.lock().unwrap().contains_key(&fid) || self.is_open(fid)
     }
 
     /// `fid`'s open container, and whether its size and times are the
@@ -389,7 +408,7 @@ impl Venus {
             Ok(r) => {
                 let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
                 self.cache.learn(fid, r.attr, None, promise);
-                self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))
+                self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished after a getattr"))
             }
             Err(VenusError::Offline) => self.cached_attr(fid, true).ok_or_else(|| self.not_cached(fid, "attributes")),
             Err(e) => Err(e),
@@ -502,7 +521,8 @@ impl Venus {
                 let fid = r.attr.fid;
                 let promise = if self.gen(fid) == gen { promise_exp(r.promise) } else { None };
                 self.cache.learn(fid, r.attr, Some((dir, name.to_string())), promise);
-                let (a, ttl) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
+                let (a, ttl) =
+                    self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished after a lookup"))?;
                 Ok(Found::Entry(a, ttl))
             }
             Err(VenusError::Offline) => {
@@ -637,7 +657,7 @@ impl Venus {
         self.cache.set_size(fid, meta.len());
         self.cache.touch(fid);
         self.evict_to_limit();
-        self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished"))
+        self.cache.get(fid).ok_or_else(|| errno(libc::EIO, "node vanished after a fetch"))
     }
 
     pub(crate) async fn ensure_content_pub(&self, fid: Fid) -> Result<Node> {
@@ -646,18 +666,28 @@ impl Venus {
 
     /// Opens `fid`; returns the handle and the shared state (for passthrough).
     pub fn open(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
-        let fid = self.resolve(fid);
-        match self.open_once(fid, flags) {
-            // Evicted between the check and the open: fetch again.
-            Err(VenusError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.cache.update(fid, |n| n.cached = false);
-                self.open_once(fid, flags)
+        let asked = fid;
+        let mut evicted = false;
+        loop {
+            let fid = self.resolve(asked);
+            let _opening = self.begin_open(fid);
+            match self.open_once(fid, flags) {
+                Ok(Some(opened)) => return Ok(opened),
+                // Renumbered before the open held it (a file created on
+                // close got its server fid): again, under the new fid.
+                Ok(None) => continue,
+                // Evicted between the check and the open: fetch again.
+                Err(VenusError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && !evicted => {
+                    evicted = true;
+                    self.cache.update(fid, |n| n.cached = false);
+                }
+                Err(e) => return Err(e),
             }
-            r => r,
         }
     }
 
-    fn open_once(&self, fid: Fid, flags: i32) -> Result<(u64, Arc<Shared>)> {
+    /// Opens `fid`; `None` if it was renumbered before the stripe was held.
+    fn open_once(&self, fid: Fid, flags: i32) -> Result<Option<(u64, Arc<Shared>)>> {
         let write = opens_for_writing(flags);
         let truncate = write && flags & libc::O_TRUNC != 0;
         // One trip into the runtime: the content, then the stripe. Under the
@@ -669,6 +699,9 @@ impl Venus {
         })?;
         if node.attr.kind != FileKind::File {
             return Err(FsError::IsDir.into());
+        }
+        if self.resolve(fid) != fid {
+            return Ok(None);
         }
         self.cache.touch(fid);
         let node = self.cache.get(fid).unwrap_or(node);
@@ -713,7 +746,7 @@ impl Venus {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(fh, OpenFile { shared: shared.clone(), write });
-        Ok((fh, shared))
+        Ok(Some((fh, shared)))
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Shared>> {
@@ -903,7 +936,10 @@ impl Venus {
         seq: Option<u64>,
     ) -> Result<()> {
         shared.file.sync_all()?;
-        self.cml.append(CmlOp::Store { fid, base, mode: None }, seq)?;
+        self.failpoint("before-log-store");
+        self.log_append(CmlOp::Store { fid, base, mode: None }, seq)?;
+        // Renumbered since the caller looked, perhaps (as the log knows).
+        let fid = self.resolve(fid);
         *shared.synced.lock().unwrap() = now;
         self.cache.update(fid, |n| {
             n.dirty = true;
@@ -1072,12 +1108,18 @@ impl Venus {
         let name = name_str(name)?;
         common::error::validate_name(name)?;
         let exclusive = flags & libc::O_EXCL != 0;
-        let fid = match self.defer_create(dir, name, mode & 0o7777, exclusive)? {
-            Some(local) => local,
-            None => self.create_now(dir, name, mode & 0o7777, exclusive)?,
+        // A deferred file is held as being opened from the moment it
+        // exists, so the sweep of orphaned ones passes it by.
+        let (fid, _opening) = match self.defer_create(dir, name, mode & 0o7777, exclusive)? {
+            Some((local, opening)) => {
+                self.failpoint("deferred-before-open");
+                (local, Some(opening))
+            }
+            None => (self.create_now(dir, name, mode & 0o7777, exclusive)?, None),
         };
         let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
-        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))?;
+        let fid = shared.fid();
+        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished after a create"))?;
         Ok((attr, fh, shared))
     }
 
@@ -1380,7 +1422,7 @@ impl Venus {
         } else if let Some(r) = &reply {
             self.cache.learn(fid, r.attr.clone(), None, promise_exp(r.promise));
         }
-        self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished"))
+        self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished after a setattr"))
     }
 
     // ---- callbacks and cache maintenance -----------------------------------------------
@@ -1521,7 +1563,7 @@ impl Venus {
             let Some(n) = self.cache.get(fid) else { continue };
             if !n.dirty
                 || n.attr.kind != FileKind::File
-                || self.is_open(fid)
+                || self.is_open_or_opening(fid)
                 || fid.is_local()
                 || self.cml.any(|r| r.op.subject() == fid)
             {
@@ -1581,5 +1623,28 @@ impl From<VenusError> for fuser::Errno {
             tracing::warn!("answering EIO: {e}");
         }
         errno
+    }
+}
+
+/// An open under way: from before it looks at the node until `opened`
+/// has the file (or the open failed). The 2-second sweeps
+/// (`create_orphaned_deferred`, `store_dirty`) act only on files nobody
+/// holds; without this, a new file whose server create waits for its
+/// close, or a file just truncated, looked like one in the moment before
+/// its open registered.
+pub(crate) struct Opening<'a> {
+    venus: &'a Venus,
+    fid: Fid,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.venus.opening.lock().unwrap();
+        if let Some(n) = opening.get_mut(&self.fid) {
+            *n -= 1;
+            if *n == 0 {
+                opening.remove(&self.fid);
+            }
+        }
     }
 }

@@ -18,10 +18,16 @@ impl Venus {
         Ok(Fid::local(self.cache.meta_next("next_local")?))
     }
 
+    /// Appends a change to the log under the current names of its objects
+    /// (see `Cml::append_mapped`).
+    pub(crate) fn log_append(&self, op: CmlOp, seq: Option<u64>) -> Result<()> {
+        self.cml.append_mapped(op, seq, &|f| self.resolve(f))
+    }
+
     /// Logs a change; a `seq` from a failed connected attempt is already
     /// held and is released when the record is done.
     fn log(&self, op: CmlOp, seq: Option<u64>) -> Result<()> {
-        self.cml.append(op, seq)?;
+        self.log_append(op, seq)?;
         // The change must survive a crash of venus or of the machine.
         self.cache.flush()
     }
@@ -129,7 +135,7 @@ impl Venus {
         self.cache.update(fid, |n| n.attr.nlink += 1);
         self.offline_dir_change(dir, Some((name, fid, kind)), None);
         self.log(CmlOp::Link { fid, dir, name: name.to_string() }, seq)?;
-        self.cache.view(fid, |n| n.attr.clone()).ok_or_else(|| errno(libc::EIO, "node vanished"))
+        self.cache.view(fid, |n| n.attr.clone()).ok_or_else(|| errno(libc::EIO, "node vanished after an offline link"))
     }
 
     pub(crate) fn offline_unlink(&self, dir: Fid, name: &str, is_dir: bool, seq: Option<u64>) -> Result<()> {

@@ -113,15 +113,33 @@ impl Venus {
                         // A store's result under the file's stripe: a
                         // close-time store reads its base there before
                         // logging, and must see either the old base (and be
-                        // rebased) or the new one. (Only stores and
-                        // setattrs: the others invalidate kernel entries,
-                        // which must never wait while a stripe is held.)
-                        let _g = if matches!(rec.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. }) {
+                        // rebased) or the new one. A create's renumbering
+                        // likewise, under the new object's stripe: a close
+                        // of it decides and logs its store under that
+                        // stripe, so it logs either before (and the record
+                        // is remapped and rebased) or after, under the
+                        // server fid and the new base.
+                        let created = match &rec.op {
+                            CmlOp::Create { dir, name, fid, .. }
+                            | CmlOp::Mkdir { dir, name, fid, .. }
+                            | CmlOp::Symlink { dir, name, fid, .. } => Some((*dir, name, *fid)),
+                            _ => None,
+                        };
+                        let g = if matches!(rec.op, CmlOp::Store { .. } | CmlOp::SetAttr { .. }) {
                             Some(self.stripe(self.resolve(rec.op.subject())).lock().await)
+                        } else if let Some((_, _, local)) = created {
+                            Some(self.stripe(local).lock().await)
                         } else {
                             None
                         };
                         self.applied(rec, reply)?;
+                        drop(g);
+                        if let Some((dir, name, _)) = created {
+                            // Not under a stripe: an invalidation may wait
+                            // for the directory's lock, held by a request
+                            // that waits for a stripe.
+                            tokio::task::block_in_place(|| self.invalidate_kernel_entry(self.resolve(dir), name));
+                        }
                         summary.applied += 1;
                         self.finish(rec)?;
                     }
@@ -360,12 +378,13 @@ impl Venus {
                     self.rebase(fid, &v, &version);
                 }
             }
-            (CmlOp::Create { dir, name, fid: local, .. }, Reply::Create(e))
-            | (CmlOp::Mkdir { dir, name, fid: local, .. }, Reply::Mkdir(e))
-            | (CmlOp::Symlink { dir, name, fid: local, .. }, Reply::Symlink(e)) => {
+            (CmlOp::Create { fid: local, .. }, Reply::Create(e))
+            | (CmlOp::Mkdir { fid: local, .. }, Reply::Mkdir(e))
+            | (CmlOp::Symlink { fid: local, .. }, Reply::Symlink(e)) => {
+                // (The kernel's entry is invalidated by the caller, once
+                // the stripe is released.)
                 let server = e.attr.fid;
                 self.adopt_server_fid(*local, server, &e.attr, promise_exp(e.promise))?;
-                tokio::task::block_in_place(|| self.invalidate_kernel_entry(self.resolve(*dir), name));
             }
             (CmlOp::Link { fid, .. }, Reply::Link(e)) => {
                 let fid = self.resolve(*fid);
