@@ -220,9 +220,8 @@ impl Venus {
     }
 
     /// Tests: pauses this thread for half a second at the point `at` if
-    /// `VENUS_FAILPOINT` names it.
-    /// Pauses 500 ms at `at` if it is the failpoint (`VENUS_FAILPOINT_MS`
-    /// sets another length, for windows that must outlast a reconnection).
+    /// `VENUS_FAILPOINT` names it (`VENUS_FAILPOINT_MS` sets another
+    /// length, for windows that must outlast a reconnection).
     pub(crate) fn failpoint(&self, at: &str) {
         if self.failpoint.as_deref() == Some(at) {
             let ms = std::env::var("VENUS_FAILPOINT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
@@ -681,6 +680,10 @@ impl Venus {
                     evicted = true;
                     self.cache.update(fid, |n| n.cached = false);
                 }
+                // Renumbered before its node was looked at (the node was
+                // gone from under `fid`): again, under the new fid. Once:
+                // a server fid is never renumbered.
+                Err(_) if self.resolve(asked) != fid => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -1118,8 +1121,13 @@ impl Venus {
             None => (self.create_now(dir, name, mode & 0o7777, exclusive)?, None),
         };
         let (fh, shared) = self.open(fid, flags & !libc::O_CREAT & !libc::O_EXCL)?;
+        // Renumbered meanwhile, perhaps: the alias comes first, then the
+        // node moves, then the open's fid.
         let fid = shared.fid();
-        let (attr, _) = self.cached_attr(fid, true).ok_or_else(|| errno(libc::EIO, "node vanished after a create"))?;
+        let (attr, _) = self
+            .cached_attr(self.resolve(fid), true)
+            .or_else(|| self.cached_attr(fid, true))
+            .ok_or_else(|| errno(libc::EIO, "node vanished after a create"))?;
         Ok((attr, fh, shared))
     }
 

@@ -495,6 +495,8 @@ impl Venus {
                 // This client's own create, whose reply a crash of venus lost
                 // (a file created on close, logged again at the restart).
                 tracing::info!(path = %self.path_in(dir, name), "the server already has this create");
+                // Under the file's stripe, as in the results loop.
+                let _g = self.stripe(*fid).lock().await;
                 self.adopt_server_fid(*fid, server.fid, &server, None)?;
                 dirs.insert(dir);
                 return Ok(Refusal::Harmless);
