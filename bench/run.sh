@@ -33,17 +33,37 @@ need python3 python3
 need mountpoint util-linux
 need ss iproute2
 need /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf fonts-dejavu-core
+apt_install() {
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends "$@" >/dev/null
+}
+# The build needs only gcc (the linker); the rest installs while cargo
+# builds: apt waits on the network and the disk, cargo on the CPU.
+apt_pid= apt_log=
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bench/run.sh: installing ${missing[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -o DPkg::Lock::Timeout=300 -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
+  if ! command -v gcc >/dev/null 2>&1; then
+    apt_install "${missing[@]}"
+  else
+    apt_log=$(mktemp)
+    apt_install "${missing[@]}" >"$apt_log" 2>&1 &
+    apt_pid=$!
+  fi
 fi
-[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 
 t0=$(date +%s)
 cargo build --release -p afsd -p venus -p bench
 echo "bench/run.sh: build took $(( $(date +%s) - t0 )) s" >&2
+if [ -n "$apt_pid" ]; then
+  if ! wait "$apt_pid"; then
+    echo "bench/run.sh: installing ${missing[*]} failed:" >&2
+    cat "$apt_log" >&2
+    exit 1
+  fi
+  echo "bench/run.sh: installs done $(( $(date +%s) - t0 )) s after the build began" >&2
+  rm -f "$apt_log"
+fi
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 
 # A VM with virtio-balloon free page reporting hands the memory the guest
 # frees back to its host; a page the guest then reuses faults in the host
