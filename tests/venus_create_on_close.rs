@@ -303,11 +303,7 @@ fn a_create_whose_reply_a_server_crash_lost_runs_once_and_keeps_the_content() {
 
     afsd.set_env(&[]);
     afsd.restart();
-    let settled = eventually(Duration::from_secs(30), || {
-        let s = a.status();
-        s["cml_records"] == 0 && s["state"] == "connected"
-    });
-    assert!(settled, "{}", a.status());
+    a.wait_reintegrated(Duration::from_secs(30));
     assert_eq!(fs::read_to_string(afsd.export.join("result")).unwrap(), "computed");
     assert_eq!(fs::read_to_string(a.path("result")).unwrap(), "computed");
     let list: serde_json::Value = serde_json::from_str(&a.ok(&["conflicts", "list", "--json"])).unwrap();

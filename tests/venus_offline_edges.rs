@@ -871,14 +871,7 @@ fn writes_during_reintegration() {
     during.dedup();
     eprintln!("{k} writes during reintegration; states {during:?}");
     rc.join().unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let s = a.status();
-            s["cml_records"] == 0 && s["state"] == "connected"
-        }),
-        "{}",
-        a.status()
-    );
+    a.wait_reintegrated(Duration::from_secs(20));
     conflicts(&a);
     assert_eq!(a.status()["conflicts"], 0);
     assert_eq!(fs::read_to_string(afsd.export.join("hot")).unwrap(), format!("during {k}"));
@@ -1188,14 +1181,7 @@ fn a_close_logged_as_reintegration_renumbers_the_file_keeps_its_content() {
     std::thread::sleep(Duration::from_millis(100));
     a.ok(&["reconnect"]);
     closing.join().unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let s = a.status();
-            s["cml_records"] == 0 && s["state"] == "connected"
-        }),
-        "{}",
-        a.status()
-    );
+    a.wait_reintegrated(Duration::from_secs(20));
     // Past the drop of the old container names.
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(conflicts(&a)["conflicts"].as_array().map(Vec::len), Some(0));

@@ -99,10 +99,10 @@ fn run() -> Result<()> {
             }
         };
         for (w, f) in workloads() {
-            let name = workloads::name(w);
             if !cfg.wants(w) || (w >= 7 && kind != Kind::Afs) {
                 continue;
             }
+            let name = workloads::name(w);
             let tw = Instant::now();
             let ticks = util::cpu_ticks();
             eprintln!("bench: {} workload {w} ({name})", kind.key());

@@ -13,9 +13,6 @@ use std::time::Instant;
 
 const ANDREW_PHASES: [&str; 5] = ["MakeDir", "Copy", "ScanDir", "ReadAll", "Make"];
 
-/// Creates the data every system starts from: the Andrew source tree, the
-/// large file and the small files, in the plain directory and (as a copy) in
-/// afsd's export, plus the files of the server-scale workload.
 /// A workload's short name, for the log and the report.
 pub fn name(workload: u32) -> &'static str {
     match workload {
@@ -31,6 +28,9 @@ pub fn name(workload: u32) -> &'static str {
     }
 }
 
+/// Creates the data every system starts from: the Andrew source tree, the
+/// large file and the small files, in the plain directory and (as a copy) in
+/// afsd's export, plus the files of the server-scale workload.
 pub fn prepare(cfg: &Config, layout: &Layout) -> Result<()> {
     // Each system's directory in a block group of its own: on ext4 without
     // a journal, creating files next to the tens of thousands the previous

@@ -487,6 +487,17 @@ impl VenusMount {
         left
     }
 
+    /// Waits until the log is empty and venus connected (reintegration
+    /// done, changes logged meanwhile included); panics with the status
+    /// after `limit`.
+    pub fn wait_reintegrated(&self, limit: Duration) {
+        let done = eventually(limit, || {
+            let s = self.status();
+            s["cml_records"] == 0 && s["state"] == "connected"
+        });
+        assert!(done, "reintegration did not finish: {}", self.status());
+    }
+
     /// Waits until `venus status` reports `state`; panics after `limit`.
     pub fn wait_state(&self, state: &str, limit: Duration) -> serde_json::Value {
         let deadline = Instant::now() + limit;
